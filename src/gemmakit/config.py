@@ -1,0 +1,123 @@
+"""GemmaConfig: one frozen dataclass for every Gemma family, and the published presets.
+
+Families differ only by fields here (norm placement, soft-caps, sliding-window pattern, QK-norm,
+per-layer RoPE theta, query scale); `model.py` reads the fields and never the family name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    family: str  # "gemma" (1, 1.1, CodeGemma), "gemma2" or "gemma3"; for file formats and chat
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int  # width of gate (and of up); the report counts the two together
+    max_seq_len: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0  # sliding layers, and every layer when there are no sliding layers
+    rope_theta_global: float | None = None  # Gemma 3 global layers (None: same as rope_theta)
+    rope_scale_global: float = 1.0  # linear position scaling on global layers (Gemma 3 4B and up)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None: head_dim
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None  # a token sees itself and the window - 1 tokens before it
+    global_every: int = 1  # layer i is global when (i + 1) % global_every == 0
+    post_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
+    qk_norm: bool = False  # Gemma 3: RMSNorm over head_dim on queries and keys
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_dim", "max_seq_len", "global_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and (layer + 1) % self.global_every != 0
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def global_theta(self) -> float:
+        return self.rope_theta_global or self.rope_theta
+
+    def replace(self, **changes) -> GemmaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GemmaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"incomplete config: {e}") from None
+
+
+FAMILIES = ("gemma", "gemma2", "gemma3")
+
+_GEMMA1_2B = GemmaConfig(family="gemma", vocab_size=256_000, d_model=2048, n_layers=18, n_heads=8,
+                         n_kv_heads=1, head_dim=256, ffn_dim=16_384, max_seq_len=8192)
+_GEMMA1_7B = GemmaConfig(family="gemma", vocab_size=256_000, d_model=3072, n_layers=28, n_heads=16,
+                         n_kv_heads=16, head_dim=256, ffn_dim=24_576, max_seq_len=8192)
+_GEMMA2 = dict(family="gemma2", vocab_size=256_000, head_dim=256, max_seq_len=8192,
+               attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
+               global_every=2, post_norms=True)
+_GEMMA3 = dict(family="gemma3", vocab_size=262_144, n_heads=4, n_kv_heads=1, head_dim=256,
+               max_seq_len=32_768, rope_theta_global=1_000_000.0, query_pre_attn_scalar=256,
+               sliding_window=512, global_every=6, post_norms=True, qk_norm=True)
+
+PRESETS: dict[str, GemmaConfig] = {
+    "gemma-2b": _GEMMA1_2B,
+    "gemma-7b": _GEMMA1_7B,
+    "gemma-1.1-2b": _GEMMA1_2B,
+    "gemma-1.1-7b": _GEMMA1_7B,
+    "codegemma-2b": _GEMMA1_2B,
+    "codegemma-7b": _GEMMA1_7B,
+    "gemma2-2b": GemmaConfig(**_GEMMA2, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
+                             ffn_dim=9216, query_pre_attn_scalar=256),
+    "gemma2-9b": GemmaConfig(**_GEMMA2, d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8,
+                             ffn_dim=14_336, query_pre_attn_scalar=256),
+    # 27B is the one model whose query scale is not head_dim: (d_model / n_heads) ** -0.5.
+    "gemma2-27b": GemmaConfig(**{**_GEMMA2, "head_dim": 128}, d_model=4608, n_layers=46, n_heads=32,
+                              n_kv_heads=16, ffn_dim=36_864, query_pre_attn_scalar=144),
+    "gemma3-270m": GemmaConfig(**_GEMMA3, d_model=640, n_layers=18, ffn_dim=2048),
+    "gemma3-1b": GemmaConfig(**_GEMMA3, d_model=1152, n_layers=26, ffn_dim=6912),
+    # Small models for experiments and tests: Gemma 1 architecture, own small vocabulary.
+    "gemma-tiny": GemmaConfig(family="gemma", vocab_size=8192, d_model=256, n_layers=6, n_heads=4,
+                              n_kv_heads=1, head_dim=64, ffn_dim=1024, max_seq_len=1024),
+    "gemma-small": GemmaConfig(family="gemma", vocab_size=8192, d_model=512, n_layers=8, n_heads=8,
+                               n_kv_heads=1, head_dim=64, ffn_dim=2048, max_seq_len=1024),
+}
+
+
+def preset(name: str) -> GemmaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None

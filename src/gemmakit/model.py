@@ -1,0 +1,170 @@
+"""The Gemma transformer, every family, architecture only.
+
+Gemma 1, 2 and 3 differ only by config fields: norms after attention/MLP (`post_norms`),
+soft-caps, the sliding-window layer pattern, QK-norm and per-layer RoPE theta.
+No I/O, sampling or tokenizer here: see `checkpoints/`, `engine.py`, `tokenizer.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # stored as w, applied as (1 + w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics and the (1 + w) product in float32, one cast back at the end: casting before
+        # the product loses precision in bf16 (the references do the same).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, scale: float = 1.0):
+    """cos and sin, each (B, T, head_dim/2) float32, for split-half rotary embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * (inv_freq / scale)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D); the first half of D rotates with the second half.
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.scale = c.attn_scale
+        self.softcap = c.attn_logit_softcap
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else nn.Identity()
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0, slots=None):
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, H, D))
+        k = self.k_norm(self.k_proj(x).view(B, T, KV, D))
+        v = self.v_proj(x).view(B, T, KV, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(layer, k, v, slots)  # (B, KV, S, D): the whole cache of this layer
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, D)
+        # Grouped queries share their K/V head: fold the G query heads of a group into the
+        # query-length axis instead of copying K/V per head. mask is (B, 1, G*T, S) to match.
+        G = H // KV
+        q = q.transpose(1, 2).reshape(B, KV, G * T, D)  # (B, KV, G*T, D)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            # Gemma 2 caps the scores after scaling and before the mask; SDPA cannot, so by hand.
+            scores = (q @ k.transpose(-1, -2)) * self.scale
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        y = y.view(B, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.sliding = config.is_sliding(layer)
+        d, eps = config.d_model, config.norm_eps
+        post = config.post_norms
+        self.attn_norm = RMSNorm(d, eps)
+        self.attn = Attention(config)
+        self.post_attn_norm = RMSNorm(d, eps) if post else nn.Identity()
+        self.mlp_norm = RMSNorm(d, eps)
+        self.mlp = MLP(config)
+        self.post_mlp_norm = RMSNorm(d, eps) if post else nn.Identity()
+
+    def forward(self, x, rope, mask, cache=None, slots=None):
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, mask, cache, self.layer, slots))
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+
+
+class Gemma(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+
+        positions (B, T) are absolute; each row may have its own. With a cache, the new keys and
+        values are written into it and attention reads the whole cache, masked by position.
+        """
+        c = self.config
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed(tokens)
+        # The references cast sqrt(d_model) to the activation dtype first (55.5, not 55.43, in bf16).
+        x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype)
+
+        slots = cache.record(positions) if cache is not None else None
+        G = c.n_heads // c.n_kv_heads
+        ropes, masks = {}, {}
+        for sliding in {blk.sliding for blk in self.layers}:
+            kv_pos = cache.positions(sliding) if cache is not None else positions  # (B, S)
+            q_pos = positions[:, :, None]  # (B, T, 1)
+            mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos)  # (B, T, S)
+            if sliding:
+                mask &= q_pos - kv_pos[:, None, :] < c.sliding_window
+                ropes[sliding] = rope_tables(positions, c.head_dim, c.rope_theta)
+            else:
+                ropes[sliding] = rope_tables(positions, c.head_dim, c.global_theta, c.rope_scale_global)
+            masks[sliding] = mask[:, None].repeat(1, 1, G, 1)  # (B, 1, G*T, S), see Attention
+
+        for blk in self.layers:
+            x = blk(x, ropes[blk.sliding], masks[blk.sliding], cache, slots)
+        if last_only:
+            x = x[:, -1:]
+        logits = F.linear(self.norm(x), self.embed.weight)  # output layer tied to the embedding
+        if c.final_logit_softcap is not None:
+            logits = c.final_logit_softcap * torch.tanh(logits / c.final_logit_softcap)
+        return logits
