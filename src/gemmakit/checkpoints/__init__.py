@@ -39,7 +39,7 @@ def read(source: str | os.PathLike, variant: str | None = None) -> Checkpoint:
     """Reads a Hugging Face folder, an official .ckpt/.bin (+ index), or a .gguf file."""
     path = Path(source)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: no such file or folder (and not a preset name)")
     if path.is_dir() and (path / "config.json").is_file():
         from . import hf
 
