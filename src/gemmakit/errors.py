@@ -19,3 +19,7 @@ class TokenizerError(GemmaError):
 
 class GenerationError(GemmaError, ValueError):
     """A request the generation engine cannot serve (prompt too long, bad sampling values)."""
+
+
+class DataError(GemmaError, ValueError):
+    """Training data that is missing, empty, unreadable, or too short to fill one sequence."""
