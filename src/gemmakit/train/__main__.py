@@ -1,0 +1,12 @@
+"""`torchrun --nproc_per_node N -m gemmakit.train [train|finetune] ARGS`: the same arguments as
+`gemmakit train` / `gemmakit finetune`, one process per device."""
+
+import sys
+
+from ..cli import main
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in ("train", "finetune"):
+        argv = ["train", *argv]
+    sys.exit(main(argv))

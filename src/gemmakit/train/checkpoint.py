@@ -1,0 +1,69 @@
+"""Training checkpoints for exact resumes: the trainable weights, optimizer, schedule, step and RNG
+state, with the model config and the run's data settings to refuse a checkpoint of another run.
+
+One `torch.save` file per checkpoint (`step-000100.pt`), written to a temp name then renamed, read
+back with `weights_only=True`; the last `keep` are kept. Works for plain, DDP and FSDP2 models
+(the state dict helpers gather full tensors on rank 0's side).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from ..errors import CheckpointError
+
+PATTERN = re.compile(r"step-(\d+)\.pt$")
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in Path(folder).glob("step-*.pt") if PATTERN.search(p.name)]
+    return sorted(found, key=lambda p: int(PATTERN.search(p.name).group(1)))
+
+
+def save(folder: Path, model, optimizer, scheduler, step: int, meta: dict, keep: int, is_main: bool) -> Path | None:
+    """Every process must call this (FSDP2 gathers shards); rank 0 writes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if not is_main:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.pt"
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
+                "rng": torch.get_rng_state(), "meta": meta}, tmp)
+    os.replace(tmp, path)
+    for old in checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink()
+    return path
+
+
+def load(path: Path, model, optimizer, scheduler, meta: dict) -> int:
+    """Restores a checkpoint into the run; returns its step. Refuses one whose config or data
+    settings differ from the run's (`meta`), naming the first field that differs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip or torch errors alike
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "meta"} <= set(state):
+        raise CheckpointError(f"{path}: not a gemmakit training checkpoint")
+    for key in ("config", "run"):
+        saved, ours = state["meta"].get(key, {}), meta.get(key, {})
+        for field in sorted(set(saved) | set(ours)):
+            if saved.get(field) != ours.get(field):
+                raise CheckpointError(f"{path}: checkpoint from another {'model config' if key == 'config' else 'run'}: "
+                                      f"{field} is {saved.get(field)!r} there, {ours.get(field)!r} here")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, strict=False)
+    expected = set(get_state_dict(model, optimizer, options=options)[0])
+    if set(state["model"]) != expected:
+        odd = sorted(set(state["model"]) ^ expected)
+        raise CheckpointError(f"{path}: checkpoint from another model: tensor {odd[0]} is in one and not the other")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,254 @@
+"""Training data: files to documents, documents to token files on disk, token files to batches.
+
+A *source* is one entry of `--data`: a file, a folder (its text and code files) or a glob, with an
+optional weight (`path:2.5`). Each source is tokenized once into a memory-mapped file of fixed-length
+rows, so a corpus is never held in RAM; the last `val_fraction` of each source's rows is held out.
+Batches come from an order fixed by the seed: sample i of the run is the same on every run, on
+every number of processes, and after a resume.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".rs", ".go", ".java",
+                 ".sh", ".toml", ".cfg", ".ini", ".tex", ".html", ".css", ".jsonl", ""}
+IGNORE = -100  # target of positions that carry no loss (F.cross_entropy's ignore_index)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    pattern: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> SourceSpec:
+        """'path', or 'path:weight' (the weight is read only when what follows the last ':' is a number)."""
+        head, sep, tail = spec.rpartition(":")
+        if sep:
+            try:
+                weight = float(tail)
+            except ValueError:
+                return cls(spec)
+            if not weight > 0:
+                raise DataError(f"{spec}: a source's weight must be positive, got {tail}")
+            return cls(head, weight)
+        return cls(spec)
+
+    def files(self) -> list[Path]:
+        """The files of this source, sorted; a folder gives its text and code files, recursively."""
+        path = Path(self.pattern)
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+                     and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts)]
+        else:
+            found = [Path(p) for p in glob.glob(self.pattern, recursive=True) if Path(p).is_file()]
+        if not found:
+            raise DataError(f"{self.pattern}: no such file, or no text files there")
+        return sorted(found)
+
+
+def documents(spec: SourceSpec, field: str = "text", files: list[Path] | None = None) -> Iterator[tuple[str, object]]:
+    """(where, document) pairs: a whole file is one document; a .jsonl line is one (its `field`).
+
+    Files named one by one must be readable UTF-8; in folders and globs, files that are not UTF-8
+    (test fixtures in other encodings, binaries with a text suffix) are skipped.
+    """
+    files = spec.files() if files is None else files
+    named = Path(spec.pattern).is_file()
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            if named:
+                raise DataError(f"{path}: not UTF-8 text") from None
+            continue
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+        if path.suffix != ".jsonl":
+            if field == "text":
+                yield str(path), text
+            else:
+                raise DataError(f"{path}: chat data must be JSONL with a '{field}' list per line")
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{path}:{n}: a JSON object with a '{field}' field was expected")
+            yield f"{path}:{n}", record[field]
+
+
+# -- token files -------------------------------------------------------------------------------------
+@dataclass
+class TokenRows:
+    """One source on disk: rows of seq_len + 1 token ids, and (chat data) which of them carry loss."""
+    tokens: np.ndarray  # (N, seq_len + 1) uint32, memory-mapped
+    loss_mask: np.ndarray | None  # (N, seq_len + 1) bool, memory-mapped; None: every position counts
+    weight: float
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.tokens[i], (self.loss_mask[i] if self.loss_mask is not None else None)
+
+
+def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _open_rows(stem: Path, seq_len: int, masked: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    n = os.path.getsize(stem.with_suffix(".tokens")) // (4 * (seq_len + 1))
+    tokens = np.memmap(stem.with_suffix(".tokens"), dtype=np.uint32, mode="r", shape=(n, seq_len + 1))
+    mask = np.memmap(stem.with_suffix(".mask"), dtype=np.bool_, mode="r", shape=(n, seq_len + 1)) if masked else None
+    return tokens, mask
+
+
+def _fingerprint(spec: SourceSpec, files: list[Path], extra: dict) -> str:
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def pack_text(spec: SourceSpec, encode: Callable[[str], list[int]], eos_id: int, seq_len: int, cache: Path,
+              tokenizer_key: str = "", seed: int = 0, progress: bool = True) -> TokenRows:
+    """A text/code source as rows of seq_len + 1 tokens: files in a seeded order, each document followed
+    by <eos>, cut into consecutive rows (the last token of a row is the first of the next, so every
+    token is a target once). Tokenized once; later runs reuse the file."""
+    files = spec.files()
+    stem = cache / f"text-{_fingerprint(spec, files, {'seq_len': seq_len, 'seed': seed, 'tok': tokenizer_key})}"
+    if not stem.with_suffix(".tokens").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            carry: list[int] = []
+            n_rows = 0
+            # Files are shuffled, then streamed one document at a time: the held-out tail is a
+            # random set of files, and the corpus never sits in memory.
+            shuffled = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+            with open(tmp, "wb") as f:
+                for _, text in tqdm(documents(spec, files=shuffled), desc=f"tokenizing {spec.pattern}", unit="doc",
+                                    disable=not progress, leave=False):
+                    carry += encode(text) + [eos_id]
+                    n_full = (len(carry) - 1) // seq_len
+                    if n_full:
+                        rows = np.lib.stride_tricks.sliding_window_view(np.asarray(carry, np.uint32), seq_len + 1)[::seq_len][:n_full]
+                        rows.tofile(f)
+                        n_rows += n_full
+                        carry = carry[n_full * seq_len:]
+            if n_rows == 0:
+                os.unlink(tmp)
+                raise DataError(f"{spec.pattern}: {len(carry)} tokens, fewer than one sequence of {seq_len + 1}; "
+                                "use more data or a smaller --seq-len")
+
+        _atomic_save(stem.with_suffix(".tokens"), write)
+    tokens, _ = _open_rows(stem, seq_len, masked=False)
+    return TokenRows(tokens, None, spec.weight, spec.pattern)
+
+
+def pack_chats(spec: SourceSpec, render: Callable[[object, str], tuple[list[int], list[bool]]], pad_id: int,
+               seq_len: int, cache: Path, tokenizer_key: str = "", progress: bool = True) -> TokenRows:
+    """A chat source as rows of seq_len + 1 tokens: whole conversations packed greedily, in file
+    order, padded at the end of a row; `render` gives each conversation's ids and loss mask."""
+    files = spec.files()
+    stem = cache / f"chat-{_fingerprint(spec, files, {'seq_len': seq_len, 'tok': tokenizer_key})}"
+    if not stem.with_suffix(".tokens").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        rows_t: list[np.ndarray] = []
+        rows_m: list[np.ndarray] = []
+        row_t: list[int] = []
+        row_m: list[bool] = []
+
+        def flush() -> None:
+            nonlocal row_t, row_m
+            if row_t:
+                pad = seq_len + 1 - len(row_t)
+                rows_t.append(np.asarray(row_t + [pad_id] * pad, np.uint32))
+                rows_m.append(np.asarray(row_m + [False] * pad, np.bool_))
+                row_t, row_m = [], []
+
+        for where, messages in tqdm(documents(spec, field="messages"), desc=f"rendering {spec.pattern}", unit="chat",
+                                    disable=not progress, leave=False):
+            ids, mask = render(messages, where)
+            if len(ids) > seq_len + 1:
+                raise DataError(f"{where}: the conversation is {len(ids)} tokens, longer than a sequence "
+                                f"({seq_len + 1}); raise --seq-len or shorten it")
+            if len(row_t) + len(ids) > seq_len + 1:
+                flush()
+            row_t += ids
+            row_m += mask
+        flush()
+        if not rows_t:
+            raise DataError(f"{spec.pattern}: no conversations")
+        _atomic_save(stem.with_suffix(".mask"), lambda tmp: np.stack(rows_m).tofile(tmp))
+        _atomic_save(stem.with_suffix(".tokens"), lambda tmp: np.stack(rows_t).tofile(tmp))
+    tokens, mask = _open_rows(stem, seq_len, masked=True)
+    return TokenRows(tokens, mask, spec.weight, spec.pattern)
+
+
+# -- splits, order and batches ---------------------------------------------------------------------
+def split(sources: list[TokenRows], val_fraction: float) -> tuple[list[range], list[range]]:
+    """Per source, the rows used for training and the held-out rows (the last val_fraction)."""
+    train, held = [], []
+    for s in sources:
+        n_val = int(round(len(s) * val_fraction)) if len(s) > 1 else 0
+        if val_fraction > 0 and len(s) > 1:
+            n_val = max(n_val, 1)
+        train.append(range(0, len(s) - n_val))
+        held.append(range(len(s) - n_val, len(s)))
+    return train, held
+
+
+def sample_order(sources: list[TokenRows], train_rows: list[range], n_samples: int, seed: int) -> np.ndarray:
+    """(n_samples, 2) array of (source, row): sources drawn by weight, each source's rows in a fresh
+    seeded permutation per epoch. A pure function of its arguments, hence exact resumes."""
+    weights = np.array([s.weight if len(r) else 0.0 for s, r in zip(sources, train_rows)])
+    if weights.sum() == 0:
+        raise DataError("no training rows left after the held-out split; use more data or --val-fraction 0")
+    rng = np.random.default_rng([seed, 0])
+    which = rng.choice(len(sources), size=n_samples, p=weights / weights.sum())
+    order = np.empty((n_samples, 2), np.int64)
+    order[:, 0] = which
+    for s, rows in enumerate(train_rows):
+        at = np.flatnonzero(which == s)
+        if not len(at):
+            continue
+        epochs = -(-len(at) // len(rows))
+        perm = np.concatenate([np.random.default_rng([seed, 1, s, e]).permutation(len(rows)) for e in range(epochs)])
+        order[at, 1] = rows.start + perm[: len(at)]
+    return order
+
+
+def collate(sources: list[TokenRows], picks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, row) pairs -> inputs (B, T) and targets (B, T), IGNORE where no loss is taken."""
+    rows, masks = zip(*(sources[s].row(r) for s, r in picks))
+    tokens = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+    targets = tokens[:, 1:].clone()
+    if any(m is not None for m in masks):
+        mask = torch.from_numpy(np.stack([m if m is not None else np.ones_like(r, np.bool_) for r, m in zip(rows, masks)]))
+        targets[~mask[:, 1:]] = IGNORE
+    return tokens[:, :-1], targets

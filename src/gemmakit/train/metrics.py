@@ -1,0 +1,55 @@
+"""Training metrics: one JSON object per line in metrics.jsonl, and the loss curve as a PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = Path(path)
+        # A resumed run rewrites the steps after its checkpoint, so the file stays one curve.
+        kept = [r for r in read(self.path) if r["step"] <= resume_step] if resume_step else []
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(metrics: Path, out: Path) -> Path:
+    """Training loss per step and held-out loss per evaluation, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read(metrics)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    held = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
