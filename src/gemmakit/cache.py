@@ -4,7 +4,8 @@ Global layers keep `max_len` positions. Sliding-window layers keep a ring buffer
 does not grow with the conversation: position p lives in slot p % ring. Each kind of layer has a
 table of the absolute position held by every slot (-1: empty); the model masks attention with it,
 so rows of different lengths, a ring that has wrapped, and a row that was reset all need no
-special case.
+special case. Attention reads only the slots up to the highest position written so far (all rows
+together), so a short sequence in a long cache does not pay for the empty tail.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class KVCache:
     def __init__(self, config: GemmaConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.max_len = max_len
-        window = config.sliding_window
+        self.window = window = config.sliding_window
         # A chunk of T new tokens overwrites ring slots before its earliest query has read them
         # unless ring >= window + T - 1; a ring of 2 * window admits chunks of window + 1 tokens.
         self.ring = min(max_len, 2 * window) if window else max_len
@@ -30,6 +31,7 @@ class KVCache:
         self.pos = {s: torch.full((batch_size, self.length(s)), -1, dtype=torch.long, device=device)
                     for s in set(self.sliding)}
         self.rows = torch.arange(batch_size, device=device)[:, None]
+        self._extent = [0]  # 1 + the highest position written; a list so that views share it
 
     @property
     def batch_size(self) -> int:
@@ -38,13 +40,19 @@ class KVCache:
     def length(self, sliding: bool) -> int:
         return self.ring if sliding else self.max_len
 
+    def span(self, sliding: bool) -> int:
+        """How many slots attention reads: the used ones (slots fill from 0 until the ring wraps)."""
+        return min(self.length(sliding), self._extent[0])
+
     def positions(self, sliding: bool) -> torch.Tensor:
-        return self.pos[sliding]  # (B, S)
+        return self.pos[sliding][:, :self.span(sliding)]  # (B, S)
 
     def record(self, positions: torch.Tensor) -> dict[bool, torch.Tensor]:
         """Claims the slots for new tokens at `positions` (B, T); returns the slots per layer kind."""
-        if int(positions.max()) >= self.max_len:
-            raise IndexError(f"position {int(positions.max())} is beyond the cache ({self.max_len})")
+        highest = int(positions.max())
+        if highest >= self.max_len:
+            raise IndexError(f"position {highest} is beyond the cache ({self.max_len})")
+        self._extent[0] = max(self._extent[0], highest + 1)
         slots = {}
         for sliding, table in self.pos.items():
             slots[sliding] = positions % table.shape[1]
@@ -56,21 +64,47 @@ class KVCache:
         s = slots[self.sliding[layer]]
         self.k[layer][self.rows, :, s] = k
         self.v[layer][self.rows, :, s] = v
-        return self.k[layer], self.v[layer]
+        n = self.span(self.sliding[layer])
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def reset(self, rows=None) -> None:
         """Forgets the given rows (all by default); their slots are free for a new sequence."""
         for table in self.pos.values():
             table[slice(None) if rows is None else rows] = -1
 
+    def truncate(self, row: int, length: int) -> None:
+        """Forgets row `row`'s positions from `length` on, so that it continues from there.
+
+        Sliding layers keep only the last `ring` positions: the caller must not continue before
+        `resumable(...)` allows (earlier keys in the window may have been overwritten).
+        """
+        for table in self.pos.values():
+            table[row].masked_fill_(table[row] >= length, -1)
+
+    def resumable(self, written: int, length: int) -> bool:
+        """Whether a row that holds positions [0, written) can continue at position `length`."""
+        window = self.window or self.max_len
+        # Position p survives in the ring while p >= written - ring; the next query needs p >= length - window + 1.
+        return length <= written and max(0, length - window + 1) >= written - self.ring
+
+    def swap(self, i: int, j: int) -> None:
+        """Exchanges the contents of rows i and j (keys, values and positions)."""
+        if i != j:
+            for t in (*self.k, *self.v, *self.pos.values()):
+                t[[i, j]] = t[[j, i]]
+
     def row_view(self, row: int) -> KVCache:
         """A cache of batch size 1 that shares row `row`'s storage (for prefilling rows one by one)."""
+        return self.rows_view(row, row + 1)
+
+    def rows_view(self, start: int, stop: int) -> KVCache:
+        """A cache of rows [start, stop) that shares their storage (for decoding the active rows)."""
         view = object.__new__(KVCache)
         view.__dict__.update(self.__dict__)
-        view.k = [t[row:row + 1] for t in self.k]
-        view.v = [t[row:row + 1] for t in self.v]
-        view.pos = {s: t[row:row + 1] for s, t in self.pos.items()}
-        view.rows = self.rows[:1]
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.pos = {s: t[start:stop] for s, t in self.pos.items()}
+        view.rows = self.rows[:stop - start]
         return view
 
     def nbytes(self) -> int:

@@ -1,0 +1,71 @@
+"""ChatSession: a multi-turn conversation that keeps its own KV cache between turns.
+
+Each turn prefills only what is new (the user turn and "<start_of_turn>model\\n"); the earlier
+turns, the model's replies included, stay in the cache exactly as they were generated.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from .engine import Engine
+from .errors import GenerationError
+from .sampling import Sampling
+
+if TYPE_CHECKING:
+    from .lm import LM
+
+
+class ChatSession:
+    def __init__(self, lm: LM, system: str | None = None, sampling: Sampling | None = None,
+                 max_new_tokens: int = 512, max_len: int | None = None):
+        if lm.tokenizer is None:
+            raise GenerationError("chat needs a tokenizer; this model has none")
+        self.tokenizer = lm.tokenizer
+        self.system = system
+        self.sampling = sampling or Sampling()
+        self.max_new_tokens = max_new_tokens
+        self.engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=max_len)
+        if system is not None:  # a family without a system role fails now, not at the first message
+            self.tokenizer.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": ""}])
+        self._end_turn = [self.tokenizer.token_id("<end_of_turn>"), *self.tokenizer.encode("\n", add_bos=False)]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the conversation (the system message stays)."""
+        self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
+        self.ids: list[int] = []  # the conversation as the model has seen it
+
+    def send(self, text: str) -> str:
+        """The model's reply to `text`."""
+        return "".join(self.stream(text))
+
+    def stream(self, text: str) -> Iterator[str]:
+        """The model's reply to `text`, in pieces as they are generated.
+
+        Raises GenerationError (before generating) when the conversation no longer fits the
+        context; reset() to start over.
+        """
+        user = {"role": "user", "content": text}
+        if self.ids:
+            ids = self.ids + self.tokenizer.chat_ids([user], add_bos=False)
+        else:
+            ids = self.tokenizer.chat_ids([*self.messages, user])
+        if len(ids) >= self.engine.max_len:
+            raise GenerationError(f"the conversation ({len(ids)} tokens with this message) has outgrown the "
+                                  f"context of {self.engine.max_len} tokens; reset() to start over")
+        request = self.engine.add(ids, self.max_new_tokens, self.sampling, stop_ids=self.tokenizer.stop_ids)
+        self.messages.append(user)
+        return self._reply(request, ids)
+
+    def _reply(self, request, ids: list[int]) -> Iterator[str]:
+        try:
+            while not request.finished:
+                for delta in self.engine.step():
+                    if delta.text:
+                        yield delta.text
+        finally:
+            self.engine.cancel(request)  # a reader that stopped early ends the turn here
+            self.messages.append({"role": "model", "content": request.text})
+            # The template closes every model turn with <end_of_turn>\n, whatever stopped the reply.
+            self.ids = ids + request.generated_ids + self._end_turn
