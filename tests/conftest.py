@@ -50,3 +50,31 @@ def gemma_tokenizer_json(tmp_path_factory) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     return target
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """A tiny tokenizer.model trained here with Gemma's settings: <pad> 0, <eos> 1, <bos> 2, <unk> 3,
+    <start_of_turn>/<end_of_turn> as user-defined pieces, byte fallback, digits split, whitespace kept."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over a lazy dog while the model answers the user in turn; "
+             "hello world, gemma reads tokens and pieces of code: def return class import print").split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) + f" {rng.randint(0, 99_999)}"
+             for _ in range(300)]
+    lines += ["def f(x):\n    return x + 1", "Hello world!", "héllo wörld"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=500, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], byte_fallback=True,
+        split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=1.0,
+        num_threads=1, minloglevel=2)
+    path = tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
