@@ -1,0 +1,50 @@
+"""`gemmakit serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from ..cli import add_model_args
+
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the file's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 503")
+    p.add_argument("--context", type=int, default=4096, help="tokens per request, prompt and completion (KV cache size)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM before they are cancelled")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..cli import load_model
+    from ..errors import GemmaError
+
+    for name in ("port", "max_batch", "max_queue", "context"):
+        if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
+            raise GemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise GemmaError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'gemmakit[serve]'") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    lm = load_model(args)
+    app = create_app(lm, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
+                     max_queue=args.max_queue, max_len=args.context)
+    print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
