@@ -1,0 +1,116 @@
+"""Runs a task over its items: progress bar, one record per item, resumable results file.
+
+While a run is going, each finished record is appended to `<output>.partial.jsonl` (its first line
+holds the settings); a run started again with the same settings skips the items found there. The
+final results JSON is written to a temp file and renamed, and the partial file removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import DataError
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)), as lm-eval reports it."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def evaluate(lm, task, output: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Scores `task` (see gemmakit.eval.tasks) with `lm`; returns the results dict it also writes to `output`.
+
+    Results: task, score, stderr, metrics (each with its stderr), settings, timings, records.
+    """
+    settings = {"task": task.name, "model": getattr(lm, "source", ""), **task.settings, "n_items": len(task.items)}
+    records: dict[int, dict] = {}
+    partial = Path(str(output) + ".partial.jsonl") if output is not None else None
+    if partial is not None and partial.is_file():
+        records = _resume(partial, settings)
+    elif partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": settings}) + "\n")
+    todo = [i for i in range(len(task.items)) if i not in records]
+    log = partial.open("a") if partial is not None else None
+    bar = tqdm(total=len(task.items), initial=len(records), desc=task.name, unit="item", disable=not progress)
+    try:
+        for s in range(0, len(todo), task.batch_size):
+            batch = todo[s:s + task.batch_size]
+            start = time.perf_counter()
+            new = task.score([task.items[i] for i in batch])
+            seconds = (time.perf_counter() - start) / len(batch)
+            for i, rec in zip(batch, new):
+                rec = {"index": i, **rec, "seconds": round(seconds, 4)}
+                records[i] = rec
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+            if log is not None:
+                log.flush()
+            bar.update(len(batch))
+            bar.set_postfix_str(_postfix(task, records))
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+
+    ordered = [records[i] for i in range(len(task.items))]
+    metrics = task.summarize(ordered)
+    primary = metrics[task.primary]
+    total = sum(r["seconds"] for r in ordered)
+    results = {
+        "task": task.name,
+        "score": primary["value"],
+        "stderr": primary["stderr"],
+        "metric": task.primary,
+        "metrics": metrics,
+        "settings": settings,
+        "timings": {"eval_seconds": round(total, 2), "items_per_second": round(len(ordered) / total, 3) if total else None},
+        "records": ordered,
+    }
+    if output is not None:
+        output = Path(output)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, output)
+        partial.unlink()
+    return results
+
+
+def _resume(partial: Path, settings: dict) -> dict[int, dict]:
+    lines = partial.read_text().splitlines()
+    try:
+        head = json.loads(lines[0])["settings"]
+    except (IndexError, KeyError, ValueError):
+        raise DataError(f"{partial}: not a gemmakit partial results file; delete it to start over") from None
+    if head != settings:
+        diff = sorted(k for k in set(head) | set(settings) if head.get(k) != settings.get(k))
+        raise DataError(f"{partial}: an interrupted run with other settings ({', '.join(diff)}); "
+                         "delete it or choose another --output")
+    records = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # the line being written when the run was killed
+            continue
+        records[rec["index"]] = rec
+    # Rewrite without a torn last line, so appending goes on from a clean state.
+    partial.write_text("".join(json.dumps(x) + "\n" for x in [{"settings": settings}, *records.values()]))
+    return records
+
+
+def _postfix(task, records: dict) -> str:
+    vals = [r["score"] for r in records.values()]
+    return f"{task.primary}={sum(vals) / len(vals):.3f}" if vals else ""
