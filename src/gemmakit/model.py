@@ -116,11 +116,21 @@ class Block(nn.Module):
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, which is also the output layer (logits = h @ E^T).
+
+    `attend` is the output layer, so that `quantize.py` can swap the table for a quantized one.
+    """
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Gemma(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = TiedEmbedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
 
@@ -164,7 +174,7 @@ class Gemma(nn.Module):
             x = blk(x, ropes[blk.sliding], masks[blk.sliding], cache, slots)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(self.norm(x), self.embed.weight)  # output layer tied to the embedding
+        logits = self.embed.attend(self.norm(x))  # (B, T, V): output layer tied to the embedding
         if c.final_logit_softcap is not None:
             logits = c.final_logit_softcap * torch.tanh(logits / c.final_logit_softcap)
         return logits
