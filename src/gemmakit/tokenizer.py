@@ -28,14 +28,21 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"{path}: no such tokenizer file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+        if not data:
+            raise TokenizerError(f"{path}: the tokenizer file is empty")
         if path.suffix == ".json":
             import tokenizers
 
             try:
-                return cls(tokenizers.Tokenizer.from_file(str(path)), family)
+                backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
             except Exception as e:  # the library raises a bare Exception on malformed JSON
                 raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
-        return cls.from_sentencepiece(path.read_bytes(), family, name=str(path))
+            return cls._named(backend, family, str(path))
+        return cls.from_sentencepiece(data, family, name=str(path))
 
     @classmethod
     def from_sentencepiece(cls, model: bytes, family: str | None = None, name: str = "tokenizer") -> Tokenizer:
@@ -46,17 +53,26 @@ class Tokenizer:
             sp.LoadFromSerializedProto(model)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ messages
             raise TokenizerError(f"{name}: not a valid SentencePiece model ({e})") from None
-        return cls(sp, family)
+        return cls._named(sp, family, name)
+
+    @classmethod
+    def _named(cls, backend, family: str | None, name: str) -> Tokenizer:
+        try:
+            return cls(backend, family)
+        except TokenizerError as e:  # e.g. no <bos>: not a Gemma tokenizer; say which file
+            raise TokenizerError(f"{name}: {e}") from None
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Writes tokenizer.model (SentencePiece) or tokenizer.json into `folder`; returns the file."""
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / ("tokenizer.model" if self._sp is not None else "tokenizer.json")
+        tmp = out.with_name(out.name + ".partial")  # never leave a half-written tokenizer under the real name
         if self._sp is not None:
-            out = folder / "tokenizer.model"
-            out.write_bytes(self._sp.serialized_model_proto())
+            tmp.write_bytes(self._sp.serialized_model_proto())
         else:
-            out = folder / "tokenizer.json"
-            self._hf.save(str(out))
+            self._hf.save(str(tmp))
+        os.replace(tmp, out)
         return out
 
     def sentencepiece_proto(self) -> bytes | None:
@@ -91,9 +107,15 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise TokenizerError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         if self._sp is not None:
             return self._sp.DecodeIds(ids)
-        return self._hf.decode(ids, skip_special_tokens=False).replace("<bos>", "").replace("<eos>", "")
+        # SentencePiece decodes its control tokens to nothing; do the same here, so that both
+        # backends give the same text (turn markers stay: they are text in both).
+        control = (self.bos_id, self.eos_id, self.pad_id)
+        return self._hf.decode([i for i in ids if i not in control], skip_special_tokens=False)
 
     def piece(self, token: int) -> str:
         return self._sp.IdToPiece(token) if self._sp is not None else self._hf.id_to_token(token)
@@ -123,6 +145,8 @@ class Tokenizer:
         return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
 
     def _turns(self, messages: list[dict]) -> list[tuple[str, str]]:
+        """(role, text) per turn, as Google's chat templates build them: roles alternate, starting
+        with the user; each message is stripped of surrounding whitespace."""
         turns = []
         system = None
         for i, m in enumerate(messages):
@@ -132,15 +156,21 @@ class Tokenizer:
                 if self.family in ("gemma", "gemma2"):
                     raise TokenizerError(f"{self.family} has no system role; put the instructions in the first user turn")
                 if i != 0:
-                    raise TokenizerError("a system message must come first")
+                    raise TokenizerError(f"message {i}: a system message must come first")
                 system = m["content"]
                 continue
             if m["role"] not in ROLES:
                 raise TokenizerError(f"message {i}: unknown role {m['role']!r} (use user, model/assistant or system)")
-            turns.append([ROLES[m["role"]], m["content"]])
+            role = ROLES[m["role"]]
+            expected = "user" if len(turns) % 2 == 0 else "model"
+            if role != expected:
+                raise TokenizerError(f"message {i}: expected a {expected} message here; "
+                                     "roles must alternate user/model, starting with user")
+            turns.append([role, m["content"].strip()])
         if system is not None:
-            # Gemma 3 has no system turn either; its template folds the system text into the first user turn.
-            if not turns or turns[0][0] != "user":
+            # Gemma 3 has no system turn either; its template puts the (unstripped) system text
+            # before the first user message.
+            if not turns:
                 raise TokenizerError("a system message must be followed by a user message")
             turns[0][1] = f"{system}\n\n{turns[0][1]}"
         return [tuple(t) for t in turns]
