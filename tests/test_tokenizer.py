@@ -286,3 +286,29 @@ def test_alternation_errors_agree_with_the_reference(sp_tok):
             reference_render(GEMMA3_TEMPLATE, messages)
         with pytest.raises(TokenizerError, match="roles must alternate"):
             sp_tok.chat_ids(messages)
+
+
+# -- the real Gemma 3 tokenizer, rebuilt from the GGUF's metadata -------------------------------
+
+def test_real_gguf_tokenizer_matches_llama_cpp(real_lm, llamacpp_reference):
+    tok = real_lm.tokenizer
+    assert (tok.vocab_size, tok.family) == (262_144, "gemma3")
+    assert [tok.token_id(n) for n in ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")] == \
+        [0, 1, 2, 3, 105, 106]
+    assert tok.stop_ids == [1, 106]
+    for case in llamacpp_reference["results"]:
+        assert tok.encode(case["prompt"]) == case["prompt_token_ids"], case["prompt"]
+        assert tok.decode(case["generated_token_ids"]) == case["generated_text"], case["prompt"]
+        for step in case["per_step_top5"]:  # llama.cpp's piece text of every top-5 candidate
+            for candidate in step["top"]:
+                assert tok.decode([candidate["id"]]) == candidate["piece"]
+
+
+def test_real_gguf_tokenizer_chat(real_lm):
+    tok = real_lm.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION[:2]]
+    assert tok.render_chat(messages) == reference_render(GEMMA3_TEMPLATE, messages)
+    assert [tok.piece(i) for i in tok.chat_ids(messages)] == [
+        "<bos>", "<start_of_turn>", "user", "\n", "Be", "▁brief", ".", "\n\n", "Hi", "<end_of_turn>", "\n",
+        "<start_of_turn>", "model", "\n", "Hello", "!", "▁How", "▁can", "▁I", "▁help", "?", "<end_of_turn>", "\n",
+        "<start_of_turn>", "model", "\n"]
