@@ -50,7 +50,10 @@ class Job:
     handle: object = None  # the engine's request, once admitted
 
     def push(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop has closed (server shut down): nobody is waiting
+            pass
 
 
 class Scheduler:
