@@ -50,7 +50,8 @@ def normalize_number(text: str) -> str | None:
         return None
     if "." in t:
         t = t.rstrip("0").rstrip(".")
-    t = t.lstrip("0") or "0"
+    whole, dot, frac = t.partition(".")
+    t = (whole.lstrip("0") or "0") + dot + frac
     return ("-" + t) if neg and t != "0" else t
 
 
