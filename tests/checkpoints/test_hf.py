@@ -1,7 +1,6 @@
 """Hugging Face folders: small random transformers models read by gemmakit, and gemmakit models
 written for transformers, compared logit by logit; bad folders fail with one clear error."""
 
-import io
 import json
 import subprocess
 import sys
@@ -65,20 +64,6 @@ def hf_logits(model, ids) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def sp_model() -> bytes:
-    """A tiny SentencePiece model with Gemma's special tokens at Gemma's ids."""
-    import sentencepiece as spm
-
-    text = [f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=120,
-                                   hard_vocab_limit=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-                                   pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-                                   minloglevel=2)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module", params=list(HF_CONFIGS))
@@ -244,8 +229,8 @@ def random_lm(family: str, tokenizer=None) -> LM:
 
 
 @pytest.mark.parametrize("family", list(GEMMAKIT_CONFIGS))
-def test_writes_folders_transformers_reads(family, tmp_path, sp_model):
-    tok = gemmakit.Tokenizer.from_sentencepiece(sp_model, family=family)
+def test_writes_folders_transformers_reads(family, tmp_path, sentencepiece_model):
+    tok = gemmakit.Tokenizer.from_file(sentencepiece_model, family=family)
     lm = random_lm(family, tok)
     out = hf.save(lm, tmp_path / "out", progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
@@ -262,7 +247,7 @@ def test_writes_folders_transformers_reads(family, tmp_path, sp_model):
     back = gemmakit.load(out, progress=False)
     assert back.config == lm.config
     assert torch.equal(back.logits(ids), ours)
-    assert back.tokenizer.encode("the lazy fox") == tok.encode("the lazy fox")
+    assert back.tokenizer.encode("the lazy fox 123") == tok.encode("the lazy fox 123")
 
 
 def test_writes_shards_with_an_index(tmp_path):
@@ -408,8 +393,8 @@ def test_bad_configs(good_folder):
         gemmakit.load(good_folder, progress=False)
 
 
-def test_tokenizer_larger_than_the_embedding(tmp_path, sp_model):
-    tok = gemmakit.Tokenizer.from_sentencepiece(sp_model)
+def test_tokenizer_larger_than_the_embedding(tmp_path, sentencepiece_model):
+    tok = gemmakit.Tokenizer.from_file(sentencepiece_model)
     config = GEMMAKIT_CONFIGS["gemma"].replace(vocab_size=tok.vocab_size - 1)
     folder = tmp_path / "small-vocab"
     hf.save(LM(Gemma(config), None), folder, progress=False)
@@ -436,3 +421,12 @@ def test_save_refuses_what_hf_cannot_express(tmp_path):
         hf.save(LM(Gemma(config), None), tmp_path / "out", progress=False)
     assert not list(tmp_path.iterdir())
 
+
+
+def test_save_refuses_quantized_models(tmp_path):
+    from gemmakit.quantize import quantize
+
+    lm = random_lm("gemma")
+    with expect(CheckpointError, "out", "quantized"):
+        hf.save(LM(quantize(lm.module, "int8"), None), tmp_path / "out", progress=False)
+    assert not list(tmp_path.iterdir())

@@ -411,6 +411,9 @@ def save(lm, folder: str | os.PathLike, progress: bool = True, max_shard_bytes: 
     names = tensor_names(lm.config)
     state = {}
     for name, t in lm.module.state_dict().items():
+        if name not in names:
+            raise CheckpointError(f"{folder}: the model's tensor {name} has no Hugging Face name "
+                                  "(quantized models cannot be written; save the float model)")
         t = t.detach().to("cpu").contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # a view into a larger tensor (a sliced, padded embedding): safetensors wants its own
