@@ -26,7 +26,7 @@ def tiny_lm(sentencepiece_model):
 class Server:
     """An app run by uvicorn on a thread, at `url`."""
 
-    def __init__(self, app):
+    def __init__(self, app, graceful_timeout: float = 5):
         import uvicorn
 
         self.app = app
@@ -34,7 +34,7 @@ class Server:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -54,11 +54,11 @@ class Server:
 
 @pytest.fixture
 def start_server():
-    """start_server(app) -> Server; every server started is shut down after the test."""
+    """start_server(app, graceful_timeout) -> Server; every server started is shut down after the test."""
     servers = []
 
-    def start(app):
-        servers.append(Server(app))
+    def start(app, **kw):
+        servers.append(Server(app, **kw))
         return servers[-1]
 
     yield start

@@ -139,6 +139,9 @@ GOOD = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 4}
     ({**GOOD, "prompt": [2, 9999]}, 400, "prompt", None),  # token id outside the vocabulary
     ({**GOOD, "top_p": 0}, 400, "top_p", None),
     ({**GOOD, "seed": -1}, 400, "seed", None),
+    ({**GOOD, "prompt": ["hello", "world"]}, 400, "prompt", None),  # one prompt per request
+    ({**GOOD, "n": 2}, 400, "n", None),
+    ({**GOOD, "logprobs": 3}, 400, "logprobs", None),  # refused, not silently dropped
     ({**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),  # unknown model
 ])
 def test_bad_completion_requests(http, body, status, param, code):

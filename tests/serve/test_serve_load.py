@@ -113,8 +113,8 @@ def test_full_queue_answers_503(tiny_lm, start_server):
 
 
 def test_graceful_shutdown_finishes_the_stream_in_flight(tiny_lm, start_server):
-    server = start_server(create_app(tiny_lm, max_batch=2, max_len=128))
-    body = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 40, "temperature": 0, "stream": True}
+    server = start_server(create_app(tiny_lm, max_batch=2, max_len=128), graceful_timeout=60)
+    body = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 20, "temperature": 0, "stream": True}
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -128,3 +128,20 @@ def test_graceful_shutdown_finishes_the_stream_in_flight(tiny_lm, start_server):
     assert not server.thread.is_alive() and not server.scheduler._thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health")
+
+
+def test_shutdown_cancels_what_does_not_finish_in_time(tiny_lm, start_server):
+    server = start_server(create_app(tiny_lm, max_batch=2, max_len=1024), graceful_timeout=0.5)
+    body = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 1000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            started = time.monotonic()
+            server.stop()  # returns once uvicorn and the scheduler thread are done
+            with pytest.raises(httpx.HTTPError):  # the stream is cut, not finished
+                for line in lines:
+                    assert line != "data: [DONE]"
+    assert time.monotonic() - started < 15
+    assert not server.scheduler._thread.is_alive()
+    assert server.scheduler.engine.requests == []

@@ -263,7 +263,8 @@ def _handlers() -> dict:
             message = f"missing required field '{param}'" if param else "missing JSON body"
         elif param:
             # A union (stop: str | list[str]) reports one error per alternative: say them all.
-            msgs = dict.fromkeys(e["msg"] for e in errors if _param(e.get("loc", ())) == param)
+            msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors
+                                 if _param(e.get("loc", ())) == param)
             message = f"{param}: {' or '.join(msgs)}, got {json.dumps(err.get('input'))[:80]}"
         else:
             message = f"the body must be a JSON object ({err['msg']})"

@@ -53,6 +53,15 @@ class _Sampled(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1  # one choice per request; ask again for more
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v:  # refuse rather than answer without them: a client that asked relies on them
+            raise ValueError("log probabilities are not supported by this server")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -74,6 +83,14 @@ class _Sampled(BaseModel):
 class CompletionRequest(_Sampled):
     prompt: str | list[int] = Field(min_length=1)  # text, or token ids
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+            raise ValueError("one prompt per request (a string or a list of token ids); send the others "
+                             "as requests of their own, they are batched together")
+        return v
 
 
 class ChatMessage(BaseModel):
