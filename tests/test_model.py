@@ -21,6 +21,15 @@ FAMILIES = {
 LENGTH = 40  # five windows: the ring of the sliding layers (2 * WINDOW slots) wraps twice
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only add synchronisation (and fight the other tests on a 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def make_model(config: GemmaConfig) -> Gemma:
     torch.manual_seed(0)
     model = Gemma(config)

@@ -1,0 +1,221 @@
+"""The engine the server drives: batching, joining, cancelling, stopping, streaming text."""
+
+import pytest
+import torch
+
+from gemmakit.config import GemmaConfig
+from gemmakit.engine import Engine, TextStream
+from gemmakit.errors import GenerationError
+from gemmakit.model import Gemma
+from gemmakit.sampling import Sampling
+from gemmakit.tokenizer import Tokenizer
+
+WINDOW = 8  # small, so that prompts and outputs run past it and the sliding layers' ring wraps
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only add synchronisation (and fight the other tests on a 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+@pytest.fixture(scope="module")
+def tokenizer(sentencepiece_model):
+    return Tokenizer.from_file(sentencepiece_model, family="gemma3")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    config = GemmaConfig(family="gemma3", vocab_size=tokenizer.vocab_size, d_model=64, n_layers=4, n_heads=4,
+                         n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=256, sliding_window=WINDOW,
+                         global_every=3, post_norms=True, qk_norm=True, rope_theta_global=1e6,
+                         query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    model = Gemma(config)
+    model.reset_parameters(std=0.02)
+    with torch.no_grad():  # random norm weights make a random model's greedy output vary
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+PROMPTS = ["the quick brown fox", "hello", "def f(x):\n    return x + 1 while the model answers the user"]
+
+
+def run_alone(model, tokenizer, ids, n=24, **kw):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=128)
+    request = engine.add(ids, n, **kw)
+    pieces = []
+    while engine.requests:
+        pieces += [d.text for d in engine.step()]
+    assert "".join(pieces) == request.text
+    return request
+
+
+@torch.inference_mode()
+def reference_greedy(model, ids, n):
+    """Greedy decoding by full forwards over the whole sequence, no cache."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_greedy_matches_uncached_reference(model, tokenizer):
+    ids = tokenizer.encode(PROMPTS[2])
+    assert len(ids) > WINDOW
+    assert run_alone(model, tokenizer, ids, n=20).output_ids == reference_greedy(model, ids, 20)
+
+
+def test_batch_of_different_lengths_matches_each_alone(model, tokenizer):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    alone = [run_alone(model, tokenizer, p) for p in prompts]
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128)
+    requests = [engine.add(p, 24) for p in prompts]
+    assert engine.free_slots == 1 and engine.requests == requests
+    while engine.requests:
+        engine.step()
+    assert engine.free_slots == 4
+    for r, a in zip(requests, alone):
+        assert r.output_ids == a.output_ids and r.text == a.text and r.finish_reason == "length"
+    assert len({tuple(a.output_ids) for a in alone}) == 3  # the prompts do lead to different outputs
+
+
+def test_joining_mid_generation_and_cancelling(model, tokenizer):
+    """The server's pattern: requests arrive while others decode, and some are cancelled."""
+    a, b, c = (tokenizer.encode(p) for p in PROMPTS)
+    alone = {name: run_alone(model, tokenizer, ids).output_ids for name, ids in zip("abc", (a, b, c))}
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128)
+    ra = engine.add(a, 24)
+    for _ in range(5):
+        engine.step()
+    rb = engine.add(b, 24)  # joins the running batch at the next step
+    for _ in range(3):
+        deltas = engine.step()
+        assert {d.request for d in deltas} == {ra, rb}
+    with pytest.raises(GenerationError, match="no free slot"):
+        engine.add(c, 24)
+    engine.cancel(ra)  # frees its slot at once
+    assert ra.finish_reason == "cancelled" and engine.free_slots == 1 and engine.requests == [rb]
+    assert ra.output_ids == alone["a"][:8]
+    rc = engine.add(c, 24)
+    while engine.requests:
+        for d in engine.step():
+            assert d.request is not ra
+    assert rb.output_ids == alone["b"] and rc.output_ids == alone["c"]
+
+
+def test_same_seed_same_text_whatever_the_batch(model, tokenizer):
+    prompt = tokenizer.encode(PROMPTS[0])
+    s = Sampling(temperature=1.0, top_p=0.95, seed=7)
+    alone = run_alone(model, tokenizer, prompt, sampling=s)
+    engine = Engine(model, tokenizer, max_batch=3, max_len=128)
+    engine.add(tokenizer.encode(PROMPTS[1]), 24, sampling=Sampling(temperature=1.0, seed=1))
+    mine = engine.add(prompt, 24, sampling=s)
+    engine.add(tokenizer.encode(PROMPTS[2]), 24)
+    while engine.requests:
+        engine.step()
+    assert mine.output_ids == alone.output_ids
+    other = run_alone(model, tokenizer, prompt, sampling=s.replace(seed=8))
+    assert other.output_ids != alone.output_ids
+
+
+def test_stop_ids(model, tokenizer):
+    prompt = tokenizer.encode(PROMPTS[0])
+    full = run_alone(model, tokenizer, prompt)
+    stop = full.output_ids[5]
+    first = full.output_ids.index(stop)
+    r = run_alone(model, tokenizer, prompt, stop_ids=[stop])
+    assert r.finish_reason == "stop"
+    assert r.output_ids == full.output_ids[:first + 1]  # the stop id ends the output...
+    assert r.generated_ids == full.output_ids[:first]  # ...and is not part of the text
+    assert r.text == tokenizer.decode(full.output_ids[:first])
+
+
+def test_stop_strings_end_the_text_before_them(model, tokenizer):
+    prompt = tokenizer.encode(PROMPTS[2])
+    full = run_alone(model, tokenizer, prompt, n=30).text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(stop) == 3
+    r = run_alone(model, tokenizer, prompt, n=30, stop_strings=["never seen here", stop])
+    assert r.finish_reason == "stop"
+    assert r.text == full[:full.index(stop)] and stop not in r.text
+    assert len(r.output_ids) < 30
+
+
+def test_prompt_too_long_and_bad_requests(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=32)
+    with pytest.raises(GenerationError, match="prompt of 40 tokens.*32"):
+        engine.add([2] * 40, 4)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        engine.add([], 4)
+    with pytest.raises(GenerationError, match="token id 99999"):
+        engine.add([2, 99999], 4)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        engine.add([2], 0)
+    with pytest.raises(GenerationError, match="max_len"):
+        Engine(model, tokenizer, max_len=model.config.max_seq_len + 1)
+    with pytest.raises(GenerationError, match="tokenizer"):
+        Engine(model, None).add([2], 4, stop_strings=["x"])
+
+
+def test_a_full_slot_ends_with_length(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1, max_len=16)
+    r = engine.add(list(range(2, 12)), 100)  # 10 prompt tokens: room for 6 more positions, 7 new tokens
+    while engine.requests:
+        engine.step()
+    assert r.finish_reason == "length" and len(r.output_ids) == 7
+    assert r.output_ids == reference_greedy(model, list(range(2, 12)), 7)
+
+
+def test_a_freed_slot_serves_a_continuation_from_its_cache(model, tokenizer):
+    """A follow-up prompt that extends a finished one prefills only the new tokens, past the ring too."""
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128)
+    first = engine.add(tokenizer.encode(PROMPTS[2]), 20)
+    while engine.requests:
+        engine.step()
+    follow_up = first.prompt_ids + first.output_ids + tokenizer.encode(" the user", add_bos=False)
+    assert len(follow_up) > 2 * WINDOW
+    second = engine.add(follow_up, 12)
+    assert second.reused == len(first.prompt_ids) + len(first.output_ids) - 1
+    while engine.requests:
+        engine.step()
+    assert second.output_ids == reference_greedy(model, follow_up, 12)
+    # An unrelated prompt starts from scratch (in the other, empty slot).
+    assert engine.add(tokenizer.encode(PROMPTS[1]), 1).reused == 0
+
+
+def test_text_stream_never_splits_a_character(tokenizer):
+    text = "héllo wörld 日本語 🎉 ok"
+    ids = tokenizer.encode(text, add_bos=False)
+    assert sum(tokenizer.piece(i).startswith("<0x") for i in ids) >= 10  # rare characters come as bytes
+    stream = TextStream(tokenizer, [tokenizer.bos_id])
+    pieces = [stream.push(i) for i in ids] + [stream.close()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # held back while a character was unfinished
+
+
+def test_text_stream_holds_back_a_possible_stop_string(tokenizer):
+    ids = tokenizer.encode("hello world, gemma reads tokens", add_bos=False)
+    stream = TextStream(tokenizer, [tokenizer.bos_id], stop_strings=["gemma", "worldwide"])
+    pieces = []
+    for i in ids:
+        pieces.append(stream.push(i))
+        released = "".join(pieces)
+        assert "gem" not in released and not released.endswith("world")  # could still become a stop
+        if stream.stopped:
+            break
+    pieces.append(stream.close())
+    assert stream.stopped and "".join(pieces) == "hello world, "
+
+
+def test_text_stream_keeps_the_first_pieces_space(tokenizer):
+    prompt = tokenizer.encode("the quick")
+    stream = TextStream(tokenizer, prompt[-4:])
+    pieces = [stream.push(i) for i in tokenizer.encode(" brown fox", add_bos=False)] + [stream.close()]
+    assert "".join(pieces) == " brown fox"
