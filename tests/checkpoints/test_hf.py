@@ -156,6 +156,8 @@ def test_reads_legacy_config_fields(tmp_path):
     assert (c.global_every, c.sliding_window, c.rope_theta, c.global_theta, c.rope_scale_global) == (6, 512, 1e4, 1e6, 8.0)
     assert c.query_pre_attn_scalar == 256 and c.max_seq_len == 131_072  # transformers' defaults
     assert hf.config_from_hf(hf.hf_config(c)) == c
+    without_local = {k: v for k, v in legacy.items() if k != "rope_local_base_freq"}
+    assert hf.config_from_hf(without_local).rope_theta == 10_000.0  # transformers' default, not rope_theta
     gemma1 = hf.config_from_hf({"model_type": "gemma", "hidden_act": "gelu", "vocab_size": 256_000,
                                 "hidden_size": 2048, "intermediate_size": 16_384, "num_hidden_layers": 18,
                                 "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256,
@@ -390,6 +392,12 @@ def test_bad_configs(good_folder):
         gemmakit.load(good_folder, progress=False)
     path.write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}))
     with expect(ConfigError, "config.json", "yarn"):
+        gemmakit.load(good_folder, progress=False)
+    path.write_text(json.dumps({**config, "num_hidden_layers": "six"}))
+    with expect(ConfigError, "config.json", "num_hidden_layers", "six"):
+        gemmakit.load(good_folder, progress=False)
+    path.write_text(json.dumps({**config, "hidden_size": -64}))
+    with expect(ConfigError, "config.json", "-64"):
         gemmakit.load(good_folder, progress=False)
 
 

@@ -115,11 +115,15 @@ def config_from_hf(hf: dict, path: str | os.PathLike = CONFIG) -> GemmaConfig:
             raise ConfigError(f"{path}: {flag} true is not supported (Gemma has no biases and is causal)")
 
     n_layers = c["num_hidden_layers"]
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= 0:
+        raise ConfigError(f"{path}: num_hidden_layers must be a positive integer, got {n_layers!r}")
     sliding_window, global_every = None, 1
     if family != "gemma" and c.get("sliding_window") is not None:
         types = c.get("layer_types")
         if types is None:
             pattern = c.get("sliding_window_pattern", c.get("_sliding_window_pattern", _SLIDING_PATTERN[model_type]))
+            if not isinstance(pattern, int) or pattern <= 0:
+                raise ConfigError(f"{path}: sliding_window_pattern must be a positive integer, got {pattern!r}")
             types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
         global_every = _global_every(types, n_layers, path)
         sliding_window = c["sliding_window"] if global_every > 1 else None
@@ -150,7 +154,7 @@ def config_from_hf(hf: dict, path: str | os.PathLike = CONFIG) -> GemmaConfig:
 
 def _global_every(types, n_layers: int, path) -> int:
     """The n of "layer i is global when (i + 1) % n == 0" that gives exactly these layer types."""
-    if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {SLIDING, FULL}:
+    if not isinstance(types, list) or len(types) != n_layers or not all(t in (SLIDING, FULL) for t in types):
         raise ConfigError(f"{path}: layer_types must list {SLIDING} or {FULL} for each of the {n_layers} layers")
     for every in range(1, n_layers + 2):  # n_layers + 1: every layer sliding
         if all((t == FULL) == ((i + 1) % every == 0) for i, t in enumerate(types)):
@@ -168,7 +172,7 @@ def _rope(c: dict, model_type: str, path) -> dict[str, tuple[float, float]]:
     if params is None:
         scaling = c.get("rope_scaling") or {}
         global_params = {"rope_theta": c.get("rope_theta", global_default), **scaling}
-        local_params = {"rope_theta": c.get("rope_local_base_freq", c.get("rope_theta", local_default))}
+        local_params = {"rope_theta": c.get("rope_local_base_freq", local_default)}
         if model_type != "gemma3_text":  # one RoPE for every layer
             local_params = global_params
         params = {SLIDING: local_params, FULL: global_params}
