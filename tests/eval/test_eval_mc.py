@@ -59,7 +59,7 @@ def test_mc_task_scores_equal_direct_computation(tiny_lm, tmp_path):
         lps = [direct(tiny_lm, *encode_pair(tok, rec["prompt"], c))[0] for c in rec["choices"]]
         assert rec["logprobs"] == pytest.approx(lps, abs=1e-4)
         accs.append(max(range(len(lps)), key=lps.__getitem__) == rec["answer"])
-        normed = [lp / len(c) for lp, c in zip(lps, rec["choices"])]
+        normed = [lp / len(c[1:]) for lp, c in zip(lps, rec["choices"])]
         norms.append(max(range(len(lps)), key=normed.__getitem__) == rec["answer"])
     assert results["metrics"]["acc"]["value"] == pytest.approx(sum(accs) / len(accs))
     assert results["metrics"]["acc_norm"]["value"] == pytest.approx(sum(norms) / len(norms))

@@ -41,7 +41,8 @@ class MultipleChoice(Task):
         ctx = pairs[0][0]
         scored = self.scorer.loglikelihoods(ctx, [cont for _, cont in pairs])
         logprobs = [lp for lp, _ in scored]
-        norm = [lp / max(len(c), 1) for lp, c in zip(logprobs, item["choices"])]
+        # lm-eval divides by the choice's length without the space that joins it to the prompt.
+        norm = [lp / max(len(c.removeprefix(" ")), 1) for lp, c in zip(logprobs, item["choices"])]
         pred, pred_norm = _argmax(logprobs), _argmax(norm)
         return {"prompt": item["prompt"], "choices": item["choices"], "answer": item["answer"],
                 "logprobs": logprobs, "pred": pred, "pred_norm": pred_norm,

@@ -1,0 +1,92 @@
+"""gemmakit as a model of EleutherAI's lm-eval harness (`--model gemmakit`).
+
+Importing this module registers the class. From Python:
+
+    import gemmakit.eval.lm_eval_bridge, lm_eval
+    lm_eval.simple_evaluate(model="gemmakit", model_args="pretrained=model.gguf", tasks=[...])
+
+From the shell, `python -m gemmakit.eval.lm_eval_bridge run --model gemmakit --model_args
+pretrained=model.gguf --tasks ...` is lm-eval's own command line with the class registered.
+
+Log-likelihoods go through the same `Scorer` as gemmakit's harness: requests that share a context
+are scored together against one cached prefill; generation is `LM.generate`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lm_eval.api.model import LM as HarnessLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from ..sampling import Sampling
+from .loglik import Scorer, encode_pair
+
+
+@register_model("gemmakit")
+class GemmakitLM(HarnessLM):
+    def __init__(self, pretrained: str | None = None, lm=None, dtype: str = "float32", device: str = "cpu",
+                 tokenizer: str | None = None, batch_size: int | str = 8, max_gen_toks: int = 256, **_ignored):
+        super().__init__()
+        if lm is None:
+            import gemmakit
+            from gemmakit.default_model import default_model_path
+
+            lm = gemmakit.load(pretrained or default_model_path(), dtype=dtype, device=device, tokenizer=tokenizer,
+                               progress=False)
+        self.lm = lm
+        self.scorer = Scorer(lm)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_gen_toks = int(max_gen_toks)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        results: list = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.args[0], []).append(i)
+        # Contexts in sorted order, so that few-shot prompts with a common start follow each other
+        # and reuse the cached prefix.
+        for context in tqdm(sorted(groups), desc="gemmakit loglikelihood", disable=disable_tqdm):
+            idx = groups[context]
+            pairs = [encode_pair(self.lm.tokenizer, context, requests[i].args[1]) for i in idx]
+            # Contexts ending in spaces give continuations different context ids; score by context ids.
+            by_ctx: dict[tuple, list[int]] = {}
+            for j, (ctx, _) in enumerate(pairs):
+                by_ctx.setdefault(tuple(ctx), []).append(j)
+            for ctx, js in by_ctx.items():
+                scored = self.scorer.loglikelihoods(list(ctx), [pairs[j][1] for j in js])
+                for j, s in zip(js, scored):
+                    results[idx[j]] = s
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        return [sum(self.scorer.rolling(self.lm.tokenizer.encode(r.args[0])))
+                for r in tqdm(requests, desc="gemmakit rolling", disable=disable_tqdm)]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(repr(sorted(r.args[1].items(), key=str)), []).append(i)
+        bar = tqdm(total=len(requests), desc="gemmakit generate", disable=disable_tqdm)
+        for idx in groups.values():
+            kwargs = dict(requests[idx[0]].args[1])
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+            sampling = Sampling(temperature=temperature, top_p=kwargs.get("top_p"), top_k=kwargs.get("top_k"))
+            texts = self.lm.generate([requests[i].args[0] for i in idx], sampling=sampling, stop=until,
+                                     max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                                     max_batch=self.batch_size)
+            for i, t in zip(idx, texts):
+                out[i] = t
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())
