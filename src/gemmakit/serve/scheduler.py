@@ -57,8 +57,9 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int):
+    def __init__(self, engine, max_queue: int, prefill_budget: int = 512):
         self.engine = engine
+        self.prefill_budget = prefill_budget  # prompt tokens admitted between two decode steps
         self.max_batch = engine.max_batch
         self.stop_ids = engine.tokenizer.stop_ids
         self.max_queue = max_queue
@@ -114,8 +115,13 @@ class Scheduler:
                     break
                 gone = [j for j in self._running if j.cancelled]
                 self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
-                admit = []
+                admit, budget = [], self.prefill_budget
                 while self._waiting and len(self._running) - len(gone) + len(admit) < self.max_batch:
+                    # The engine prefills a prompt when it is added, while the running rows wait:
+                    # a burst of long prompts joins over several steps instead of in one long stall.
+                    if admit and len(self._waiting[0].prompt_ids) > budget:
+                        break
+                    budget -= len(self._waiting[0].prompt_ids)
                     admit.append(self._waiting.popleft())
             for job in gone:
                 self._release(job)

@@ -1,0 +1,95 @@
+"""The scheduler thread on its own: admission, the prefill budget, cancellation, the queue bound."""
+
+import asyncio
+
+import pytest
+
+from gemmakit.engine import Engine
+from gemmakit.sampling import GREEDY
+from gemmakit.serve.protocol import APIError
+from gemmakit.serve.scheduler import Finished, Job, Piece, Scheduler
+
+
+class RecordingEngine(Engine):
+    """The real engine, noting the decode step at which each prompt was added."""
+
+    def __init__(self, *args, scheduler_steps=lambda: 0, **kw):
+        super().__init__(*args, **kw)
+        self.added_at = []
+        self.scheduler_steps = scheduler_steps
+
+    def add(self, prompt_ids, *args, **kw):
+        self.added_at.append(self.scheduler_steps())
+        return super().add(prompt_ids, *args, **kw)
+
+
+async def result(job: Job) -> tuple[str, Finished]:
+    text = []
+    while True:
+        event = await asyncio.wait_for(job.events.get(), 60)
+        if isinstance(event, Piece):
+            text.append(event.text)
+        elif isinstance(event, Finished):
+            return "".join(text), event
+        else:
+            raise event.error
+
+
+def make(tiny_lm, max_batch, max_queue=8, prefill_budget=512):
+    engine = RecordingEngine(tiny_lm.module, tiny_lm.tokenizer, max_batch=max_batch, max_len=128)
+    scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)
+    engine.scheduler_steps = lambda: scheduler.steps
+    return engine, scheduler
+
+
+def test_burst_of_prompts_joins_over_several_steps(tiny_lm):
+    engine, scheduler = make(tiny_lm, max_batch=4, prefill_budget=10)
+    prompt = tiny_lm.tokenizer.encode("the quick brown fox jumps")
+    assert 5 < len(prompt) <= 10
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(prompt, 6, GREEDY, None, loop) for _ in range(3)]
+        for job in jobs:
+            scheduler.submit(job)
+        scheduler.start()
+        try:
+            return await asyncio.gather(*map(result, jobs))
+        finally:
+            scheduler.stop()
+
+    outs = asyncio.run(run())
+    assert engine.added_at == [0, 1, 2]  # one prompt's worth of prefill between decode steps
+    assert len({text for text, _ in outs}) == 1  # the same greedy text whenever each joined
+    assert all(f.completion_tokens >= 1 for _, f in outs)
+
+
+def test_cancelled_while_waiting_never_runs_and_queue_is_bounded(tiny_lm):
+    engine, scheduler = make(tiny_lm, max_batch=1, max_queue=1)
+    prompt = tiny_lm.tokenizer.encode("hello")
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        first = Job(prompt, 30, GREEDY, None, loop)
+        waiting = Job(prompt, 30, GREEDY, None, loop)
+        scheduler.start()
+        try:
+            scheduler.submit(first)
+            await first.events.get()  # running: its first piece came back
+            scheduler.submit(waiting)
+            with pytest.raises(APIError) as e:
+                scheduler.submit(Job(prompt, 3, GREEDY, None, loop))
+            assert e.value.status == 503 and e.value.code == "queue_full"
+            scheduler.cancel(waiting)
+            await result(first)
+            for _ in range(100):  # the thread drops the cancelled job on its next pass
+                if scheduler.stats()["waiting"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            scheduler.stop()
+        return waiting
+
+    waiting = asyncio.run(run())
+    assert len(engine.added_at) == 1 and waiting.handle is None
+    assert scheduler.stats()["waiting"] == 0 and engine.requests == []
