@@ -253,8 +253,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
     order = data.sample_order(sources, train_rows, cfg.max_steps * per_step, cfg.seed)
     held = [(s, r) for s, rows in enumerate(held_rows) for r in rows]
-    held = held[:: max(1, len(held) // (cfg.eval_batches * cfg.batch_size * world.size))]
-    held = held[: cfg.eval_batches * cfg.batch_size * world.size]
+    # eval_batches global batches, spread over the held-out rows: the same set for any world size.
+    held = held[:: max(1, len(held) // (cfg.eval_batches * per_step))][: cfg.eval_batches * per_step]
     autocast = partial(torch.autocast, world.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     def evaluate() -> float | None:
@@ -317,7 +317,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             val_loss = evaluate()
             if val_loss is not None and world.main:
                 log.write({"step": done, "val_loss": val_loss})
-                metrics.plot(out / "metrics.jsonl", out / "loss.png")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             checkpoint.save(ckpt_dir, model, optimizer, scheduler, done, meta, cfg.keep_last, world.main)
         bar.update(1)
