@@ -76,23 +76,26 @@ def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int,
     """`requests` greedy completions from `clients` concurrent clients; latency of each, tokens of all."""
     bodies = [{"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
               for i in range(requests)]
-    bar = tqdm(total=requests, desc=desc, leave=False)
 
     def one(body) -> tuple[float, int]:
         t = time.perf_counter()
         r = http.post(url + "/v1/completions", json=body)
         r.raise_for_status()
-        bar.update()
         return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
+
+    def counted(body) -> tuple[float, int]:
+        out = one(body)
+        bar.update()
+        return out
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     with httpx.Client(timeout=600, limits=limits) as http:
         one(bodies[0])  # warm-up: first-call allocations do not count
-        start_time = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            done = list(pool.map(one, bodies))
-        wall = time.perf_counter() - start_time
-    bar.close()
+        with tqdm(total=requests, desc=desc, leave=False) as bar:
+            start_time = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                done = list(pool.map(counted, bodies))
+            wall = time.perf_counter() - start_time
     latencies = sorted(d[0] for d in done)
     tokens = sum(d[1] for d in done)
     return {"clients": clients, "requests": requests, "tokens": tokens, "seconds": wall,
