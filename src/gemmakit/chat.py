@@ -35,6 +35,7 @@ class ChatSession:
         """Forgets the conversation (the system message stays)."""
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.ids: list[int] = []  # the conversation as the model has seen it
+        self.request = None
 
     def send(self, text: str) -> str:
         """The model's reply to `text`."""
@@ -55,6 +56,7 @@ class ChatSession:
             raise GenerationError(f"the conversation ({len(ids)} tokens with this message) has outgrown the "
                                   f"context of {self.engine.max_len} tokens; reset() to start over")
         request = self.engine.add(ids, self.max_new_tokens, self.sampling, stop_ids=self.tokenizer.stop_ids)
+        self.request = request  # the latest turn: finish_reason, output_ids, reused
         self.messages.append(user)
         return self._reply(request, ids)
 
