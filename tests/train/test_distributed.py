@@ -1,5 +1,5 @@
 """gemmakit.train.distributed: 2 processes under torchrun (gloo, DDP) follow the same loss curve
-as 1 process with the same global batch."""
+as 1 process with the same global batch, with DDP and with FSDP2 (fully_shard)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 from gemmakit.train import TrainConfig, train
 
 
-@pytest.mark.parametrize("strategy", ["ddp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(tmp_path, tiny_config_file, corpus, strategy):
     common = ["--model", str(tiny_config_file), "--data", str(corpus), "--seq-len", "32", "--batch-size", "2",
               "--max-steps", "6", "--eval-every", "3", "--save-every", "6", "--lr", "3e-3", "--no-progress"]

@@ -19,6 +19,7 @@ FLAGS = {  # field: (type, help); every TrainConfig field a user sets from the c
     "grad_clip": (float, "gradient norm clip"),
     "val_fraction": (float, "share of each source held out"),
     "eval_every": (int, "steps between held-out evaluations"),
+    "eval_batches": (int, "global batches of held-out rows per evaluation"),
     "save_every": (int, "steps between checkpoints"),
     "keep_last": (int, "checkpoints kept"),
     "log_every": (int, "steps between metrics.jsonl records"),

@@ -114,9 +114,11 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over the positions that carry loss, in float32. Only those rows of the
     (B*T, V) logits are cast, which matters with a 262k vocabulary and sparse chat masks."""
     V = logits.shape[-1]
-    t = targets.reshape(-1)
+    flat, t = logits.reshape(-1, V), targets.reshape(-1)
     keep = t != data.IGNORE
-    return F.cross_entropy(logits.reshape(-1, V)[keep].float(), t[keep], reduction="sum")
+    if not bool(keep.all()):  # pretraining rows have no ignored positions: skip the copy
+        flat, t = flat[keep], t[keep]
+    return F.cross_entropy(flat.float(), t, reduction="sum")
 
 
 # -- set-up ------------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""Training speed on CPU: gemmakit's training step against transformers' GemmaForCausalLM, same
+config, batch, loss and optimizer (AdamW), float32. The two are timed in alternation, step by
+step, so that load from other processes falls on both alike. Prints a table of tokens/s.
+
+    python benchmarks/train_speed.py [--steps 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gemmakit.config import GemmaConfig
+from gemmakit.model import Gemma
+from gemmakit.train.loop import loss_sum
+
+CONFIG = GemmaConfig(family="gemma", vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=1,
+                     head_dim=64, ffn_dim=1024, max_seq_len=1024)
+
+
+def hf_model(c: GemmaConfig):
+    import transformers
+
+    hf = transformers.GemmaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+                                  num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                                  num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+                                  max_position_embeddings=c.max_seq_len, hidden_activation="gelu_pytorch_tanh",
+                                  attention_dropout=0.0)
+    hf._attn_implementation = "sdpa"
+    return transformers.GemmaForCausalLM(hf)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    ours = Gemma(CONFIG)
+    ours.reset_parameters()
+    theirs = hf_model(CONFIG)
+    theirs.load_state_dict({"model." + k.replace("embed.", "embed_tokens.").replace(".attn.", ".self_attn.")
+                           .replace("attn_norm", "input_layernorm").replace("mlp_norm", "post_attention_layernorm")
+                           .replace("layers.", "layers."): v for k, v in ours.state_dict().items()}
+                           | {"lm_head.weight": ours.embed.weight.detach()}, strict=True)
+    opts = {"gemmakit": torch.optim.AdamW(ours.parameters(), lr=1e-4),
+            "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4)}
+
+    def step_ours(x, y):
+        loss = loss_sum(ours(x), y) / y.numel()
+        loss.backward()
+        return loss
+
+    def step_theirs(x, y):
+        loss = theirs(input_ids=x, labels=None, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(loss.flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss
+
+    steps = {"gemmakit": step_ours, "transformers": step_theirs}
+    times = {k: [] for k in steps}
+    losses = {k: [] for k in steps}
+    g = torch.Generator().manual_seed(0)
+    for i in range(args.steps + 2):  # the first two steps of each warm up allocators and caches
+        tokens = torch.randint(0, CONFIG.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            loss = fn(x, y)
+            torch.nn.utils.clip_grad_norm_(opts[name].param_groups[0]["params"], 1.0)
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+            losses[name].append(float(loss))
+    tokens_per_step = args.batch_size * args.seq_len
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"config: d_model {CONFIG.d_model}, {CONFIG.n_layers} layers, vocab {CONFIG.vocab_size} ({n_params / 1e6:.1f}M "
+          f"parameters); batch {args.batch_size} x {args.seq_len} tokens; AdamW; float32; {args.threads} threads; "
+          f"{args.steps} timed steps")
+    print(f"max |loss difference| over the run: {max(abs(a - b) for a, b in zip(*losses.values())):.2e}")
+    print(f"| implementation | median s/step | tokens/s | speed-up |")
+    print(f"|---|---|---|---|")
+    base = sorted(times["transformers"])[len(times["transformers"]) // 2]
+    for name, ts in times.items():
+        med = sorted(ts)[len(ts) // 2]
+        print(f"| {name} | {med:.3f} | {tokens_per_step / med:,.0f} | {base / med:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
