@@ -8,6 +8,18 @@ import time
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The server's thread, uvicorn's loop and the test's clients share a 2-core box: a second
+    intra-op thread only spins against them (a decode step gets ten times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(sentencepiece_model):
     """gemma-tiny's shape with random weights, its vocabulary cut to the suite's tiny tokenizer so that

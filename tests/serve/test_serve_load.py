@@ -89,7 +89,7 @@ def test_client_disconnect_frees_its_slot(tiny_lm, start_server):
 
     # The next requests still run at full batch.
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(httpx.post, server.url + "/v1/completions", json={**body, "max_tokens": 60}, timeout=60)
+        futures = [pool.submit(httpx.post, server.url + "/v1/completions", json={**body, "max_tokens": 120}, timeout=60)
                    for _ in range(4)]
         wait_until(lambda: health(server)["running"] == 4, what="four requests running together")
         assert all(f.result().status_code == 200 for f in futures)
@@ -97,7 +97,7 @@ def test_client_disconnect_frees_its_slot(tiny_lm, start_server):
 
 def test_full_queue_answers_503(tiny_lm, start_server):
     server = start_server(create_app(tiny_lm, max_batch=1, max_queue=1, max_len=512))
-    body = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 150, "temperature": 0}
+    body = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 250, "temperature": 0}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60)
         wait_until(lambda: health(server)["running"] == 1, what="the first request to run")
