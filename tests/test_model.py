@@ -122,3 +122,35 @@ def test_rows_at_different_positions_and_a_reset_row(family):
         logits = model(tokens, torch.tensor([[row0], [t]]), cache.rows_view(0, 2))
         close(logits[0, 0], fulls[0][0, row0])
         close(logits[1, 0], fresh_full[0, t])
+
+
+@torch.inference_mode()
+def test_a_truncated_row_continues_like_the_full_forward():
+    """Rewinding a row (the engine's prefix reuse) is exact wherever `resumable` allows it."""
+    model = make_model(FAMILIES["gemma3"])
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 300, (1, LENGTH), generator=gen)
+    cache = KVCache(model.config, 1, 64)
+    decode_in_chunks(model, cache, tokens, [9] * 4 + [4])  # 40 positions; the ring keeps 24..39
+    assert cache.resumable(40, 40) and cache.resumable(40, 31)
+    assert not cache.resumable(40, 30)  # position 30 would need key 23, overwritten by 39
+    other = torch.cat([tokens[:, :31], torch.randint(0, 300, (1, 9), generator=gen)], dim=1)
+    cache.truncate(0, 31)
+    positions = torch.arange(31, 40)[None]
+    close(model(other[:, 31:], positions, cache), model(other)[:, 31:])
+
+
+@torch.inference_mode()
+def test_swap_span_and_chunk_guard():
+    model = make_model(FAMILIES["gemma2"])
+    cache = KVCache(model.config, 2, 64)
+    a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 5))
+    model(a[:, :9], torch.arange(9)[None], cache.row_view(0))
+    model(b, torch.arange(5)[None], cache.row_view(1))
+    assert cache.positions(False).shape == (2, 9)  # attention reads the used slots only
+    cache.swap(0, 1)
+    assert cache.positions(False)[1].tolist() == list(range(9)) and cache.positions(False)[0, 5:].eq(-1).all()
+    logits = model(a[:, 9:12], torch.arange(9, 12)[None], cache.row_view(1))
+    close(logits, model(a)[:, 9:])
+    with pytest.raises(ValueError, match="max_chunk"):
+        model(torch.zeros(1, cache.max_chunk + 1, dtype=torch.long), torch.arange(cache.max_chunk + 1)[None], cache)

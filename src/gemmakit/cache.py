@@ -52,6 +52,8 @@ class KVCache:
         highest = int(positions.max())
         if highest >= self.max_len:
             raise IndexError(f"position {highest} is beyond the cache ({self.max_len})")
+        if positions.shape[1] > self.max_chunk:  # the ring would overwrite keys this chunk still reads
+            raise ValueError(f"a chunk of {positions.shape[1]} tokens is longer than the cache's max_chunk {self.max_chunk}")
         self._extent[0] = max(self._extent[0], highest + 1)
         slots = {}
         for sliding, table in self.pos.items():

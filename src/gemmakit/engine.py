@@ -13,6 +13,9 @@ cancelled request leaves at once and its slot is free for the next `add`.
 
 A freed slot keeps its keys and values: a later prompt that starts with the same tokens (the next
 turn of a conversation) prefills only what is new (`Request.reused` counts the tokens it skipped).
+
+An engine is not thread-safe: drive add/step/cancel from one thread (a server's scheduler loop).
+`add` runs the whole prefill before it returns.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ class Request:
     text: str = ""  # the text released so far (pieces joined); all of it once finished
     finish_reason: str | None = None  # "stop" (stop id or string), "length" or "cancelled"
     reused: int = 0  # prompt tokens whose keys and values were already in the slot
-    _length: int = 0  # tokens in the cache
-    _next: int = 0  # the token the next step feeds, at position _length
-    _generator: torch.Generator | None = None
-    _text: TextStream | None = None
+    _length: int = field(default=0, repr=False)  # tokens in the cache
+    _next: int = field(default=0, repr=False)  # the token the next step feeds, at position _length
+    _generator: torch.Generator | None = field(default=None, repr=False)
+    _text: TextStream | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
