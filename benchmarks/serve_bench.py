@@ -155,6 +155,7 @@ def main() -> int:
                                    "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
                                    "--n_threads_batch", str(args.threads), "--n_ctx", str(context)],
     }
+    load_before = os.getloadavg()[0]
     rows = []
     for name in args.servers:
         port = free_port()
@@ -180,7 +181,8 @@ def main() -> int:
              f"{time.strftime('%Y-%m-%d')}. Model: `{Path(args.model).name}` (gemmakit dequantizes it to "
              f"{args.dtype}; llama.cpp runs the quantized weights). Each client sends greedy "
              f"`/v1/completions` requests of {args.max_tokens} tokens back to back, "
-             f"{args.requests_per_client} per client; tokens/s counts completion tokens over the wall time.",
+             f"{args.requests_per_client} per client; tokens/s counts completion tokens over the wall time. "
+             f"Load average before the run: {load_before:.1f} (other work on the box skews absolute numbers).",
              "", table(rows), ""]
     if 1 in ours and max(args.clients) in ours and max(args.clients) > 1:
         n = max(args.clients)

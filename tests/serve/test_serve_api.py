@@ -187,6 +187,12 @@ def test_api_key_required(server):
         wrong.models.list()
 
 
+def test_oversized_body_is_refused_unread(http):
+    r = http.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
 def test_unknown_route_has_an_error_body(http):
     r = http.get("/v1/engines")
     assert r.status_code == 404 and "message" in r.json()["error"]

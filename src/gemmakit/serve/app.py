@@ -53,6 +53,7 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     app.state.model_name = name
     if api_key:
         app.add_middleware(_APIKey, api_key=api_key)
+    app.add_middleware(_BodyLimit, max_bytes=MAX_BODY_BYTES)
     for exc_type, handler in _handlers().items():
         app.add_exception_handler(exc_type, handler)
 
@@ -78,6 +79,9 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
         return await server.chat(body, request)
 
     return app
+
+
+MAX_BODY_BYTES = 8 << 20  # a full 32k-token context is well under 1 MiB of JSON
 
 
 def default_model_name(source: str) -> str:
@@ -306,6 +310,23 @@ class _APIKey:
                 response = JSONResponse(error_body("Incorrect or missing API key; send 'Authorization: Bearer <key>'",
                                                    code="invalid_api_key"), status_code=401,
                                         headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """Refuses a body whose declared length is beyond any context before a byte of it is read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.max_bytes:
+                response = JSONResponse(error_body(f"request body over {self.max_bytes} bytes", code="body_too_large"),
+                                        status_code=413)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
