@@ -124,6 +124,16 @@ def test_chat_prefills_only_the_new_turn_and_equals_generating_from_scratch(lm, 
     session.reset()
     assert session.messages == [] and session.send("hello world") == first
 
+    # A reader that stops early (or never reads) ends the turn with what it was given.
+    stream = session.stream("the quick brown fox")
+    piece = next(stream)
+    dropped = session.stream("hello")  # ends the turn above; itself never read
+    assert session.messages[-2:] == [{"role": "model", "content": piece}, {"role": "user", "content": "hello"}]
+    reply = session.send("def f(x):")
+    assert [m["content"] for m in session.messages[-3:]] == ["", "def f(x):", reply]
+    assert session.request.reused > 0 and reply == lm.generate(session.request.prompt_ids, max_new_tokens=10)
+    del dropped
+
 
 def test_chat_that_outgrows_its_context_raises(lm, sentencepiece_model, one_thread):
     session = lm.chat(max_new_tokens=8, max_len=48)

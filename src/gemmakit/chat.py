@@ -29,13 +29,17 @@ class ChatSession:
         if system is not None:  # a family without a system role fails now, not at the first message
             self.tokenizer.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": ""}])
         self._end_turn = [self.tokenizer.token_id("<end_of_turn>"), *self.tokenizer.encode("\n", add_bos=False)]
+        self._open = False  # a reply is being streamed
         self.reset()
 
     def reset(self) -> None:
         """Forgets the conversation (the system message stays)."""
+        if self._open:
+            self.engine.cancel(self.request)
         self.messages: list[dict] = [] if self.system is None else [{"role": "system", "content": self.system}]
         self.ids: list[int] = []  # the conversation as the model has seen it
         self.request = None
+        self._open = False  # a reply is being streamed
 
     def send(self, text: str) -> str:
         """The model's reply to `text`."""
@@ -47,6 +51,7 @@ class ChatSession:
         Raises GenerationError (before generating) when the conversation no longer fits the
         context; reset() to start over.
         """
+        self._end_reply()  # a previous stream() that was dropped unread ends here
         user = {"role": "user", "content": text}
         if self.ids:
             ids = self.ids + self.tokenizer.chat_ids([user], add_bos=False)
@@ -58,16 +63,25 @@ class ChatSession:
         request = self.engine.add(ids, self.max_new_tokens, self.sampling, stop_ids=self.tokenizer.stop_ids)
         self.request = request  # the latest turn: finish_reason, output_ids, reused
         self.messages.append(user)
-        return self._reply(request, ids)
+        self._open = True
+        return self._reply(request)
 
-    def _reply(self, request, ids: list[int]) -> Iterator[str]:
+    def _reply(self, request) -> Iterator[str]:
         try:
             while not request.finished:
                 for delta in self.engine.step():
                     if delta.text:
                         yield delta.text
         finally:
-            self.engine.cancel(request)  # a reader that stopped early ends the turn here
-            self.messages.append({"role": "model", "content": request.text})
-            # The template closes every model turn with <end_of_turn>\n, whatever stopped the reply.
-            self.ids = ids + request.generated_ids + self._end_turn
+            self._end_reply()
+
+    def _end_reply(self) -> None:
+        """Records the latest reply (cut short if its reader stopped early) and closes its turn."""
+        if not self._open:
+            return
+        self._open = False
+        request = self.request
+        self.engine.cancel(request)  # no-op when it finished
+        self.messages.append({"role": "model", "content": request.text})
+        # The template closes every model turn with <end_of_turn>\n, whatever stopped the reply.
+        self.ids = request.prompt_ids + request.generated_ids + self._end_turn
