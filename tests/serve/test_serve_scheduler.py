@@ -93,3 +93,29 @@ def test_cancelled_while_waiting_never_runs_and_queue_is_bounded(tiny_lm):
     waiting = asyncio.run(run())
     assert len(engine.added_at) == 1 and waiting.handle is None
     assert scheduler.stats()["waiting"] == 0 and engine.requests == []
+
+
+def test_an_engine_failure_fails_requests_not_the_thread(tiny_lm):
+    engine, scheduler = make(tiny_lm, max_batch=2)
+    prompt = tiny_lm.tokenizer.encode("hello")
+    real_step = engine.step
+    engine.step = lambda: 1 / 0  # a bug in a decode step
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        scheduler.start()
+        try:
+            broken = Job(prompt, 5, GREEDY, None, loop)
+            scheduler.submit(broken)
+            with pytest.raises(APIError) as e:
+                await result(broken)
+            assert e.value.status == 500 and e.value.type == "server_error"
+            engine.step = real_step
+            fine = Job(prompt, 5, GREEDY, None, loop)
+            scheduler.submit(fine)
+            return await result(fine)
+        finally:
+            scheduler.stop()
+
+    text, finished = asyncio.run(run())
+    assert finished.completion_tokens >= 1 and engine.requests == []

@@ -138,6 +138,10 @@ class Scheduler:
         except GemmaError as e:  # the engine found something the handler's checks did not
             job.push(Failed(APIError(400, str(e))))
             return
+        except Exception:  # noqa: BLE001 - a bug must fail this request, not stop the thread
+            log.exception("adding a request failed")
+            job.push(Failed(APIError(500, "internal error while reading the prompt", type="server_error")))
+            return
         with self._cv:
             self._running.append(job)
 
