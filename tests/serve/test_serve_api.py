@@ -170,6 +170,14 @@ def test_bad_chat_requests(client, messages, param):
     assert e.value.body["param"] == param and e.value.body["message"]
 
 
+def test_bad_completion_budget_names_the_field_the_client_used(http):
+    body = {"model": "gemma-tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    r = http.post("/v1/chat/completions", json={**body, "max_completion_tokens": 10**9})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_unknown_model_through_the_client(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2)

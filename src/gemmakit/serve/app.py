@@ -140,8 +140,8 @@ class _Server:
             ids = self.tok.chat_ids(messages)
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = self._job(body, ids, limit, default_max_tokens=None)
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        job = self._job(body, ids, getattr(body, field), default_max_tokens=None, field=field)
         rid = new_id("chatcmpl")
 
         def chunk(delta: dict, finish: str | None) -> dict:
@@ -159,7 +159,8 @@ class _Server:
                 "usage": usage(len(ids), finished.completion_tokens)}
 
     # -- shared by both endpoints -------------------------------------------------------------
-    def _job(self, body, ids: list[int], max_tokens: int | None, default_max_tokens: int | None) -> Job:
+    def _job(self, body, ids: list[int], max_tokens: int | None, default_max_tokens: int | None,
+             field: str = "max_tokens") -> Job:
         room = self.max_len - len(ids)
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt has "
@@ -168,11 +169,11 @@ class _Server:
         if max_tokens is None:
             max_tokens = min(default_max_tokens or room, room)
         if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+            raise APIError(400, f"{field} must be at least 1, got {max_tokens}", param=field)
         if max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; you requested "
                                 f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the "
-                                "completion)", param="max_tokens", code="context_length_exceeded")
+                                "completion)", param=field, code="context_length_exceeded")
         try:
             sampling = Sampling(temperature=body.temperature, top_p=None if body.top_p == 1.0 else body.top_p,
                                 top_k=body.top_k or None, min_p=body.min_p,
