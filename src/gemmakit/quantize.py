@@ -1,0 +1,279 @@
+"""Weight-only int8 and int4 quantization, gpt-fast style, and a cache of converted models on disk.
+
+`quantize(module, "int8")` swaps every `nn.Linear` and the tied embedding/output head for modules
+that hold integer weights and their scales; activations, norms and the KV cache run in `dtype`
+(bfloat16 by default: torch's CPU kernels for these weights take bfloat16 inputs and are ~10x
+slower with float32 ones).
+
+- int8: symmetric, one scale per output channel (`torch.ops.aten._weight_int8pack_mm`).
+- int4: asymmetric, a scale and a zero per group of `group_size` input features of each output
+  channel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, whose packed layout we also read back).
+
+Decoding multiplies a few rows by each weight: the integer kernels win there, as they read 2-4x
+fewer bytes than bfloat16. Prefill multiplies many rows: there the weight is dequantized to
+bfloat16 once per call and the dense matmul (AMX/AVX512-BF16) is much faster than the integer
+kernels.
+
+`load(source, mode)` converts a checkpoint once and keeps the result under the cache directory
+(safetensors + tokenizer), so later starts skip reading and dequantizing the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .model import Gemma, TiedEmbedding
+
+MODES = ("int8", "int4")
+DENSE_ROWS = 8  # above this many input rows, dequantize and use the dense matmul (see module doc)
+_INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 (see _int4_unpack)
+_FORMAT = 1  # bump when the cached files change meaning
+
+
+# -- the quantized modules ----------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """y = x W^T with W (out_features, in_features) stored as int8 or int4 with its scales."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 32,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None):
+        super().__init__()
+        _check_mode(mode)
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        if mode == "int8":
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))  # (N,)
+        else:
+            if not int4_fits(in_features, out_features, group_size):
+                raise ConfigError(f"int4 needs in_features % group_size == 0 and out_features % {_INT4_BLOCK_N} == 0, "
+                                  f"got {in_features}x{out_features} with group_size {group_size}")
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            # (K / group, N, 2): scale and zero of each group; w = (q - 8) * scale + zero
+            self.register_buffer("scales", torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, mode: str, group_size: int = 32,
+                   dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
+        N, K = weight.shape
+        q = cls(K, N, mode, group_size, dtype, device=weight.device)
+        w = weight.detach().float()
+        if mode == "int8":
+            # Round the scale to the stored dtype before choosing the integers: a bfloat16 scale
+            # rounded afterwards would skew every weight of its row by up to 0.4%.
+            scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype).float()  # (N,)
+            q.weight.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            q.scales.copy_(scale)
+        else:
+            g = w.view(N, K // group_size, group_size)
+            lo, hi = g.amin(-1), g.amax(-1)  # (N, K/g)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            # Round scale and zero to the stored dtype first, so the integers are chosen against
+            # the values the kernel will actually use.
+            scale = scale.to(dtype).float()
+            zero = (lo + 8 * scale).to(dtype).float()
+            ints = ((g - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.view(N, K).to(torch.int32), 1)
+            q.weight.copy_(packed.view(N, K // 2))
+            q.scales.copy_(torch.stack([scale, zero], -1).transpose(0, 1))
+        return q
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (N, K) in the activation dtype, or only the output channels `rows` (..., K)."""
+        dtype = self.scales.dtype
+        if self.mode == "int8":
+            w, s = (self.weight, self.scales) if rows is None else (self.weight[rows], self.scales[rows])
+            return w.to(dtype) * s[..., None]
+        ints = _int4_unpack(self.weight, self.in_features, rows)  # (..., K) in 0..15
+        sz = self.scales if rows is None else self.scales[:, rows]  # (K/g, ..., 2)
+        sz = sz.movedim(0, -2).repeat_interleave(self.group_size, dim=-2)  # (..., K, 2)
+        return (ints.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)  # (M, K)
+        if x.shape[0] > DENSE_ROWS:
+            y = F.linear(x, self.dequantize())
+        elif self.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}{group}, dtype={self.scales.dtype}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """The tied embedding/output head with a quantized table: rows are dequantized when looked up."""
+
+    def __init__(self, table: QuantizedLinear):
+        super().__init__()
+        self.table = table  # (vocab, d_model) as a linear layer d_model -> vocab
+        # The engine and LM read `embed.weight` for the activation dtype and the device; an empty
+        # tensor carries both without a float copy of the table (and fails loudly if multiplied).
+        self.register_buffer("weight", torch.empty(0, dtype=table.scales.dtype, device=table.scales.device),
+                             persistent=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table.dequantize(tokens)  # (..., d_model)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table(x)  # (..., vocab)
+
+
+def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
+    return in_features % group_size == 0 and out_features % _INT4_BLOCK_N == 0 and group_size % 2 == 0
+
+
+def quantize(module: Gemma, mode: str = "int8", group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> Gemma:
+    """Swaps the model's linear layers and tied embedding for quantized ones, in place; returns it.
+
+    Norms (and so activations and the KV cache the engine makes) move to `dtype`. A layer whose
+    shape int4 cannot pack (see `int4_fits`) is quantized to int8 instead.
+    """
+    _check_mode(mode)
+    if group_size not in (32, 64, 128, 256):
+        raise ConfigError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
+    if mode == "int4":
+        _check_int4_layout()
+
+    def convert(weight: torch.Tensor) -> QuantizedLinear:
+        N, K = weight.shape
+        m = mode if mode == "int8" or int4_fits(K, N, group_size) else "int8"
+        return QuantizedLinear.from_float(weight, m, group_size, dtype)
+
+    _swap(module, lambda w: convert(w))
+    return module.to(dtype).eval()
+
+
+def _swap(module: Gemma, make) -> None:
+    """Replaces every nn.Linear and the TiedEmbedding with make(weight), freeing the float weights."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child.weight))
+            elif isinstance(child, TiedEmbedding):
+                setattr(parent, name, QuantizedEmbedding(make(child.weight)))
+
+
+def quantized_skeleton(config, mode: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> Gemma:
+    """A quantized model with uninitialised (meta) tensors, for `load_state_dict(..., assign=True)`."""
+    with torch.device("meta"):
+        module = Gemma(config)
+
+    def empty(weight: torch.Tensor) -> QuantizedLinear:
+        N, K = weight.shape
+        m = mode if mode == "int8" or int4_fits(K, N, group_size) else "int8"
+        return QuantizedLinear(K, N, m, group_size, dtype, device="meta")
+
+    _swap(module, empty)
+    return module.to(dtype)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+# -- int4 packed layout -------------------------------------------------------------------------
+def _int4_unpack(packed: torch.Tensor, in_features: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The 0..15 integers (N, K), or (..., K) for output channels `rows`, from the kernel's packing.
+
+    `_convert_weight_to_int4pack_for_cpu` lays out each block of 64 output channels as (K, 32)
+    bytes: byte [k, j] holds channel j in its low nibble and channel 32 + j in its high nibble.
+    """
+    K = in_features
+    blocks = packed.view(-1, K, 32)  # (N/64, K, 32)
+    if rows is None:
+        ints = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (N/64, K, 64)
+        return ints.transpose(1, 2).reshape(-1, K)  # (N, K)
+    block, j = rows // _INT4_BLOCK_N, rows % _INT4_BLOCK_N
+    bytes_ = blocks[block, :, j % 32]  # (..., K)
+    return torch.where((j >= 32)[..., None], bytes_ >> 4, bytes_ & 15)
+
+
+@lru_cache(maxsize=None)
+def _check_int4_layout() -> None:
+    """Fails early where this torch build packs int4 differently from what _int4_unpack reads."""
+    ints = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 1)
+    except (RuntimeError, AttributeError) as e:
+        raise ConfigError(f"int4 needs torch's CPU int4 kernels, which this torch build lacks ({e}); use int8") from None
+    if not torch.equal(_int4_unpack(packed, 64).to(torch.int32), ints):
+        raise ConfigError(f"int4: torch {torch.__version__} packs int4 weights in an unknown layout; use int8")
+
+
+# -- converted models on disk -------------------------------------------------------------------
+def cache_path(source: str | os.PathLike, mode: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Where the converted `source` lives: keyed by the file(s) (path, size, mtime), the mode, and
+    the torch version and CPU capability (the int4 layout is the kernel's)."""
+    from .default_model import cache_dir
+
+    src = Path(source).resolve()
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    key = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    key.update(f"{mode}\0{group_size}\0{dtype}\0{torch.__version__}\0"
+               f"{torch.backends.cpu.get_cpu_capability()}\0{_FORMAT}".encode())
+    return cache_dir() / "quantized" / f"{src.stem}-{mode}-{key.hexdigest()[:16]}"
+
+
+def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
+         progress: bool = True):
+    """An LM with quantized weights, converted on first use and read from the cache after that."""
+    import gemmakit
+    from safetensors.torch import load_file, save_file
+
+    from .config import GemmaConfig
+    from .lm import LM
+    from .tokenizer import Tokenizer
+
+    _check_mode(mode)
+    dtype = gemmakit._dtype(dtype)
+    folder = cache_path(source, mode, group_size, dtype)
+    if not (folder / "model.safetensors").is_file():
+        lm = gemmakit.load(source, dtype=torch.float32, progress=progress)
+        quantize(lm.module, mode, group_size, dtype)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+        try:  # written in a temporary folder and renamed: a later run never trusts half a model
+            meta = {"config": lm.config.to_dict(), "mode": mode, "group_size": group_size, "dtype": str(dtype)}
+            (tmp / "quantized.json").write_text(json.dumps(meta))
+            save_file({k: v.contiguous() for k, v in lm.module.state_dict().items()}, str(tmp / "model.safetensors"))
+            if lm.tokenizer is not None:
+                lm.tokenizer.save(tmp)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return LM(lm.module, lm.tokenizer, source=str(source))
+    meta = json.loads((folder / "quantized.json").read_text())
+    config = GemmaConfig.from_dict(meta["config"])
+    module = quantized_skeleton(config, mode, group_size, dtype)
+    module.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True, assign=True)
+    module.embed.weight = torch.empty(0, dtype=dtype)  # the meta placeholder, made real
+    tokenizer_file = next((p for p in (folder / "tokenizer.model", folder / "tokenizer.json") if p.is_file()), None)
+    tokenizer = Tokenizer.from_file(tokenizer_file, family=config.family) if tokenizer_file else None
+    return LM(module.eval(), tokenizer, source=str(source))
