@@ -278,6 +278,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     losses: list[float] = []
     val_loss = None
     bar = tqdm(total=cfg.max_steps, initial=start, desc="training", unit="step", disable=not (cfg.progress and world.main))
+    if start == 0:  # the held-out loss before any training: the baseline the curve starts from
+        val_loss = evaluate()
+        if val_loss is not None and world.main:
+            log.write({"step": 0, "val_loss": val_loss})
     tick, tokens_since = time.perf_counter(), 0
     for step in range(start, cfg.max_steps):
         picks = order[step * per_step: (step + 1) * per_step]
