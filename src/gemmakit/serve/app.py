@@ -149,7 +149,8 @@ class _Server:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
         if body.stream:
-            return self._stream(job, request, rid, lambda text, finish: chunk({"content": text} if text else {}, finish),
+            return self._stream(job, request, rid,
+                                lambda text, finish: chunk({"content": text} if text else {}, finish),
                                 first=chunk({"role": "assistant", "content": ""}, None),
                                 include_usage=body.include_usage, object="chat.completion.chunk")
         text, finished = await self._collect(job, request)

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the file's name)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 503")
-    p.add_argument("--context", type=int, default=4096, help="tokens per request, prompt and completion (KV cache size)")
+    p.add_argument("--context", type=int, default=4096,
+                   help="tokens per request, prompt and completion (sizes the KV cache)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM before they are cancelled")
@@ -36,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from .app import create_app
     except ImportError as e:
-        raise GemmaError(f"serving needs the 'serve' extra ({e.name} is missing): pip install 'gemmakit[serve]'") from None
+        raise GemmaError(f"serving needs the 'serve' extra ({e.name} is missing): "
+                         "pip install 'gemmakit[serve]'") from None
     if args.threads:
         import torch
 
