@@ -138,3 +138,22 @@ def test_bad_jsonl_names_file_and_line(tiny_lm, tmp_path, line, message):
     data.write_text('{"question": "ok", "choices": ["a", "b"], "answer": 1}\n' + line + "\n")
     with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{message}"):
         make_task(tiny_lm, "mc", data=[data])
+
+
+def test_mmlu_per_subject_slice_skips_the_fewshot_examples(tiny_lm, tmp_path):
+    data = tmp_path / "mmlu.jsonl"
+    rows = [{"topic": t, "question": f"{t} q{i}", **{f"answer_{x}": f"{t}{i}{x}" for x in "abcd"},
+             "correct_answer": "ABCD"[i % 4]} for t, n in (("algebra", 5), ("virology", 4)) for i in range(n)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    task = make_task(tiny_lm, "mmlu", data=[data], shots=2, per_subject=2)
+    assert [x["question"] for x in task.items] == ["algebra q2", "algebra q3", "virology q2", "virology q3"]
+    for item in task.items:  # every item shows its subject's first two questions as examples
+        t = item["subject"]
+        assert item["prompt"].count("\nAnswer:") == 3 and f"{t} q0" in item["prompt"] and f"{t} q1" in item["prompt"]
+    assert task.settings["per_subject"] == 2
+    assert "per_subject" not in make_task(tiny_lm, "mmlu", data=[data], shots=2).settings  # older partial files resume
+    assert len(mmlu(tiny_lm, shots=5, per_subject=3).items) == 57 * 3
+    with pytest.raises(DataError, match="per_subject"):
+        make_task(tiny_lm, "mmlu", data=[data], per_subject=0)
+    with pytest.raises(DataError, match="mmlu only"):
+        make_task(tiny_lm, "mc", data=[data], per_subject=2)

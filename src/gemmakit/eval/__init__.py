@@ -18,18 +18,20 @@ __all__ = ["run", "make_task", "evaluate", "mean_stderr", "TASKS"]
 
 def make_task(lm, task: str, shots: int | None = None, limit: int | None = None, data: list | None = None,
               samples: int = 1, temperature: float | None = None, max_new_tokens: int | None = None,
-              batch_size: int = 8, seed: int = 0):
+              batch_size: int = 8, seed: int = 0, per_subject: int | None = None):
     """The task named `task` over its data; `data` is a file list for mc, perplexity and memorization,
-    or replaces the packaged set of mmlu, gsm8k and humaneval."""
+    or replaces the packaged set of mmlu, gsm8k and humaneval; per_subject slices mmlu (see mc.mmlu)."""
     from . import gsm8k, humaneval, mc, memorization, perplexity
 
     if lm.tokenizer is None:
         raise DataError(f"task {task!r} needs a model with a tokenizer (pass --tokenizer / tokenizer=)")
+    if per_subject is not None and task != "mmlu":
+        raise DataError(f"per_subject (--per-subject) slices mmlu only, not {task!r}")
     files = [os.fspath(f) for f in data or []]
     one = files[0] if files else None
     gen = {k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None}
     if task == "mmlu":
-        return mc.mmlu(lm, shots=5 if shots is None else shots, limit=limit, path=one)
+        return mc.mmlu(lm, shots=5 if shots is None else shots, limit=limit, path=one, per_subject=per_subject)
     if task == "mc":
         if len(files) != 1:
             raise DataError("the mc task needs one JSONL file: --data FILE")

