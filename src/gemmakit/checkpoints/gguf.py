@@ -53,7 +53,7 @@ TOP_NAMES = {"token_embd": "embed", "output_norm": "norm"}
 # The 27B models, the only ones whose query scale is not head_dim (llama.cpp tells them by depth).
 _LAYERS_OF_27B = {"gemma2": 46, "gemma3": 62}
 _SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}  # layer i is global when (i + 1) % pattern == 0
-_DEQUANTIZE_CHUNK = 1 << 22  # elements per gguf.quants call: bounds the temporaries to a few MB
+_DEQUANTIZE_CHUNK = 1 << 20  # elements per gguf.quants call: bounds the temporaries to ~10 MB
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
@@ -71,11 +71,17 @@ def read(path: str | os.PathLike) -> Checkpoint:
     for t in reader.tensors:
         name = our_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the innermost dim first
+        if not shape or min(shape) <= 0:
+            raise CheckpointError(f"{path}: tensor {t.name} has shape {list(shape)}")
         _check_supported(t, path)
         tensors[name] = TensorRef(shape, partial(_load, t, shape, 1.0 if name.endswith("norm.weight") else 0.0, release))
     if "embed.weight" not in tensors:
         raise CheckpointError(f"{path}: missing tensor token_embd.weight")
-    config = _config(meta, arch, vocab_size=tensors["embed.weight"].shape[0])
+    try:
+        config = _config(meta, arch, vocab_size=tensors["embed.weight"].shape[0])
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     return Checkpoint(source=str(path), config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
 
 
@@ -186,23 +192,24 @@ def _load(t, shape: tuple[int, ...], shift: float, release) -> torch.Tensor:
         rows_out[start: start + step] = gguf.quants.dequantize(rows_in[start: start + step], t.tensor_type)
     if shift:
         out -= shift  # llama.cpp stores norm weights as 1 + w
-    release(t.data_offset, t.n_bytes)
+    release()
     return out
 
 
 def _page_releaser(reader):
-    """A function that drops a byte range of the mapped file from this process's memory once read.
+    """A function that drops the mapped file's pages from this process's memory after each tensor.
 
-    The pages stay in the OS cache, but each page read counts in the process's resident size until
-    released: without this a loaded model is charged its weights plus the whole file."""
+    The pages stay in the OS cache, but every page read (and the pages the kernel maps around it)
+    counts in the process's resident size until released: without this a loaded model is charged its
+    weights plus most of the file. The whole mapping is released, not just the tensor's range, to catch
+    those neighbours too; a page needed again is mapped again from the cache."""
     mapping = getattr(reader.data, "_mmap", None)  # numpy keeps the mmap.mmap of a memmap here
     if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return lambda offset, size: None
+        return lambda: None
 
-    def release(offset: int, size: int) -> None:
-        start = offset - offset % mmap.PAGESIZE
+    def release() -> None:
         try:
-            mapping.madvise(mmap.MADV_DONTNEED, start, min(offset + size, len(mapping)) - start)
+            mapping.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):  # an advice refused costs memory, never correctness
             pass
 
