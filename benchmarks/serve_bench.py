@@ -176,7 +176,7 @@ def main() -> int:
 
     ours = {r["clients"]: r for n, r in rows if n == "gemmakit"}
     lines = ["## Serving: gemmakit vs llama.cpp's OpenAI server", "",
-             f"`python benchmarks/serve_bench.py --threads {args.threads} --max-tokens {args.max_tokens}` on "
+             f"`python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}` on "
              f"{platform.machine()} with {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
              f"{time.strftime('%Y-%m-%d')}. Model: `{Path(args.model).name}` (gemmakit dequantizes it to "
              f"{args.dtype}; llama.cpp runs the quantized weights). Each client sends greedy "
@@ -184,6 +184,8 @@ def main() -> int:
              f"{args.requests_per_client} per client; tokens/s counts completion tokens over the wall time. "
              f"Load average before the run: {load_before:.1f} (other work on the box skews absolute numbers).",
              "", table(rows), ""]
+    if "llama.cpp" not in args.servers:
+        lines += ["llama.cpp's server was not part of this run.", ""]
     if 1 in ours and max(args.clients) in ours and max(args.clients) > 1:
         n = max(args.clients)
         lines.append(f"Continuous batching: gemmakit gives {n} concurrent clients "
