@@ -242,7 +242,8 @@ def cache_path(source: str | os.PathLike, mode: str, group_size: int = 32, dtype
 
 def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
          progress: bool = True):
-    """An LM with quantized weights, converted on first use and read from the cache after that."""
+    """An LM with quantized weights, converted on first use and read from the cache after that
+    (a preset name gives random weights, quantized in memory)."""
     import gemmakit
     from safetensors.torch import load_file, save_file
 
@@ -252,6 +253,10 @@ def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dt
 
     _check_mode(mode)
     dtype = gemmakit._dtype(dtype)
+    if isinstance(source, str) and source in gemmakit.PRESETS and not os.path.exists(source):
+        lm = gemmakit.load(source)  # random weights: nothing worth caching
+        quantize(lm.module, mode, group_size, dtype)
+        return lm
     folder = cache_path(source, mode, group_size, dtype)
     if not (folder / "model.safetensors").is_file():
         lm = gemmakit.load(source, dtype=torch.float32, progress=progress)

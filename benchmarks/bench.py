@@ -1,0 +1,228 @@
+"""gemmakit next to llama.cpp and transformers on the same machine, in one run, on the real Gemma 3 270M.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/bench.py [--threads 2] [--only gemmakit-int8,llama.cpp] [--plot benchmarks/batch.png]
+
+Every engine runs in its own process (so that load time and peak RSS are its own), on the same
+prompt token ids (`gemmakit.bench.measure` makes them: a 512-token prefill; 16 prompts of 32
+tokens for decoding), with the same threads, and reports one JSON line. The table gives each
+figure and its ratio to llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+GEMMAKIT = {  # name -> `gemmakit bench` arguments
+    "gemmakit-float32": [],
+    "gemmakit-bfloat16": ["--dtype", "bfloat16"],
+    "gemmakit-int8": ["--quantize", "int8"],
+    "gemmakit-int4": ["--quantize", "int4"],
+}
+PEERS = ["llama.cpp", "transformers-float32", "transformers-bfloat16"]
+FIGURES = [("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("decode_b1_tok_s", "decode b1", "{:.1f}"),
+           ("decode_b16_tok_s", "decode b16", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
+           ("peak_rss_mb", "peak RSS MiB", "{:.0f}")]
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    from gemmakit.bench import bench_prompt  # the very ids gemmakit's own measurement uses
+
+    return bench_prompt(vocab, n)
+
+
+# -- peers ----------------------------------------------------------------------------------------
+def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes) -> dict:
+    import llama_cpp as L
+    import numpy as np
+
+    start = time.perf_counter()
+    llm = L.Llama(model_path=path, n_ctx=prefill + 64, n_batch=prefill, n_threads=threads,
+                  n_threads_batch=threads, verbose=False)
+    out = {"load_s": time.perf_counter() - start, "prefill_tokens": prefill, "decode_tokens": decode}
+    vocab = llm.n_vocab()
+    prompt = prompt_ids(vocab, prefill)
+    llm.eval(prompt[:9])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt[:prefill])
+    out["prefill_tok_s"] = prefill / (time.perf_counter() - start)
+
+    # Batched decoding through llama.cpp's own API: one llama_decode per step for every sequence.
+    for n in batch_sizes:
+        params = L.llama_context_default_params()
+        params.n_ctx = n * (32 + decode + 8)
+        params.n_batch = params.n_ubatch = max(512, n * 32)
+        params.n_seq_max = n
+        params.n_threads = params.n_threads_batch = threads
+        new_context = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
+        ctx = new_context(llm.model, params)
+        batch = L.llama_batch_init(n * 32, 0, n)
+
+        def decode_batch(items):  # items: (token, position, sequence, wants logits)
+            batch.n_tokens = len(items)
+            for i, (tok, pos, seq, logits) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, logits
+                batch.seq_id[i][0] = seq
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def argmax(i):
+            return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,))))
+
+        decode_batch([(t, p, s, p == 31) for s in range(n) for p, t in enumerate(prompt[s:s + 32])])
+        nxt = [argmax(s * 32 + 31) for s in range(n)]
+        pos = 32
+        for step in range(decode + 3):
+            if step == 3:
+                start = time.perf_counter()
+            decode_batch([(nxt[s], pos, s, True) for s in range(n)])
+            nxt = [argmax(s) for s in range(n)]
+            pos += 1
+        out[f"decode_b{n}_tok_s"] = n * decode / (time.perf_counter() - start)
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+    return out
+
+
+def run_transformers(path: str, threads: int, prefill: int, decode: int, dtype: str, batch_sizes) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=getattr(torch, dtype)).eval()
+    out = {"load_s": time.perf_counter() - start, "prefill_tokens": prefill, "decode_tokens": decode}
+    prompt = prompt_ids(model.config.vocab_size, prefill)
+    with torch.inference_mode():
+        model(torch.tensor([prompt[:9]]))
+        start = time.perf_counter()
+        model(torch.tensor([prompt[:prefill]]), logits_to_keep=1)
+        out["prefill_tok_s"] = prefill / (time.perf_counter() - start)
+        for n in batch_sizes:
+            ids = torch.tensor([prompt[s:s + 32] for s in range(n)])
+            res = model(ids, use_cache=True, logits_to_keep=1)
+            for step in range(decode + 3):
+                if step == 3:
+                    start = time.perf_counter()
+                nxt = res.logits[:, -1].argmax(-1, keepdim=True)
+                res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
+            out[f"decode_b{n}_tok_s"] = n * decode / (time.perf_counter() - start)
+    return out
+
+
+def run_one(name: str, args) -> dict:
+    if name in GEMMAKIT:
+        cmd = [sys.executable, "-m", "gemmakit.cli", "bench", "--json", "--threads", str(args.threads),
+               "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
+               "--batch-sizes", ",".join(map(str, args.batch_sizes)), *GEMMAKIT[name]]
+        if args.model:
+            cmd += ["--model", args.model]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, __file__, "--peer", name, "--threads", str(args.threads),
+                           "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
+                           "--batch-sizes", ",".join(map(str, args.batch_sizes))]
+                          + (["--model", args.model] if args.model else []), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peer_main(args) -> None:
+    from gemmakit.default_model import default_model_path
+
+    path = args.model or str(default_model_path())
+    if args.peer == "llama.cpp":
+        out = run_llamacpp(path, args.threads, args.prefill_tokens, args.decode_tokens, args.batch_sizes)
+    else:
+        out = run_transformers(path, args.threads, args.prefill_tokens, args.decode_tokens, args.peer.split("-")[1],
+                               args.batch_sizes)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def table(results: dict[str, dict]) -> str:
+    base = results.get("llama.cpp")
+    lines = ["| engine | " + " | ".join(label for _, label, _ in FIGURES) + " |",
+             "|---|" + "---|" * len(FIGURES)]
+    for name, r in results.items():
+        cells = []
+        for key, _, fmt in FIGURES:
+            if "error" in r or key not in r:
+                cells.append(r.get("error", "-")[:40] if key == FIGURES[0][0] else "-")
+                continue
+            cell = fmt.format(r[key])
+            if base and key in base and name != "llama.cpp":
+                cell += f" ({r[key] / base[key]:.2f}x)"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], args, path: str) -> None:
+    """Decode tok/s against batch size for every engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = args.batch_sizes
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in results:
+        r = results[name]
+        points = [(n, r[f"decode_b{n}_tok_s"]) for n in sizes if f"decode_b{n}_tok_s" in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("decode tok/s (all streams)")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file (default: gemmakit's default model)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 16],
+                   help="decode batch sizes (default 1,16; the plot wants 1,2,4,8,16)")
+    p.add_argument("--only", default=None, help="comma-separated engines (default: all): "
+                   + ", ".join([*GEMMAKIT, *PEERS]))
+    p.add_argument("--plot", default=None, help="write a PNG of tok/s against batch size here")
+    p.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run one peer in this process
+    args = p.parse_args()
+    if args.peer:
+        peer_main(args)
+        return
+    names = args.only.split(",") if args.only else ["llama.cpp", *GEMMAKIT, *PEERS[1:]]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {args.threads} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = {}
+    for name in names:
+        try:
+            results[name] = run_one(name, args)
+        except Exception as e:  # a missing peer must not hide the others' figures
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    print(table(results))
+    if args.plot:
+        plot(results, args, args.plot)
+
+
+if __name__ == "__main__":
+    main()

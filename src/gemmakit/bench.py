@@ -1,0 +1,123 @@
+"""Speed of a model on this machine: `gemmakit bench [--model M] [--quantize int8]`.
+
+Every figure runs the generation engine the way users do (`Engine.add` prefills, `Engine.step`
+decodes), so it measures what `LM.generate` and the server get:
+- prefill: tokens/s to fill the cache with a prompt of `prefill_tokens` tokens;
+- decode b1 / b16: new tokens/s (all streams together) at batch 1 and with 16 streams;
+- load: seconds from nothing to a model ready to run (reading, converting or the cache);
+- peak RSS: the process's high-water mark of resident memory, load included.
+`benchmarks/bench.py` runs the same measurement next to llama.cpp and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+
+PREFILL_TOKENS = 512
+DECODE_TOKENS = 64
+
+
+def bench_prompt(vocab_size: int, n: int) -> list[int]:
+    """<bos> and n fixed, ordinary token ids (no special ones): the same in every run and engine."""
+    return [2] + [1000 + (i * 7919) % (vocab_size - 2000) for i in range(n)]
+
+
+def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECODE_TOKENS,
+            batch_sizes: tuple[int, ...] = (1, 16)) -> dict:
+    """prefill_tok_s, decode_b{n}_tok_s for each n in batch_sizes, peak_rss_mb and the sizes used."""
+    from .engine import Engine
+
+    prompt = bench_prompt(lm.config.vocab_size, prefill_tokens)
+    out = {"prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens}
+
+    engine = Engine(lm.module, None, max_batch=1, max_len=prefill_tokens + 2)
+    engine.add(prompt[:9], max_new_tokens=1)  # warm-up: first calls allocate and pick kernels
+    engine.step()
+    start = time.perf_counter()
+    engine.add(prompt, max_new_tokens=1)  # prefills all but the last prompt token
+    out["prefill_tok_s"] = prefill_tokens / (time.perf_counter() - start)
+    engine.step()
+
+    for n in batch_sizes:
+        engine = Engine(lm.module, None, max_batch=n, max_len=32 + decode_tokens + 4)
+        for row in range(n):
+            engine.add(prompt[row:row + 32], max_new_tokens=decode_tokens + 4)
+        for _ in range(3):  # warm-up steps
+            engine.step()
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            engine.step()
+        out[f"decode_b{n}_tok_s"] = n * decode_tokens / (time.perf_counter() - start)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .cli import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.quantize:
+        from . import quantize
+        from .default_model import default_model_path
+
+        lm = quantize.load(args.model if args.model is not None else default_model_path(), args.quantize,
+                           dtype=args.dtype if args.dtype != "float32" else "bfloat16", progress=not args.json)
+    else:
+        lm = load_model(args, progress=not args.json)
+    result = {"model": str(lm.source), "dtype": str(lm.dtype).removeprefix("torch."), "quantize": args.quantize,
+              "threads": torch.get_num_threads(), "load_s": time.perf_counter() - start,
+              "weights_mb": _weight_bytes(lm.module) / 2**20}
+    result.update(measure(lm, args.prefill_tokens, args.decode_tokens, tuple(args.batch_sizes)))
+    return result
+
+
+def _weight_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model        {result['model']}  ({result['dtype']}{', ' + result['quantize'] if result['quantize'] else ''}, "
+          f"{result['threads']} threads, {result['weights_mb']:.0f} MiB of weights)")
+    print(f"prefill      {result['prefill_tok_s']:8.1f} tok/s  ({result['prefill_tokens']} tokens)")
+    for n in args.batch_sizes:
+        print(f"decode b{n:<3} {result[f'decode_b{n}_tok_s']:8.1f} tok/s" + (f"  ({n} streams, total)" if n > 1 else ""))
+    print(f"load         {result['load_s']:8.2f} s")
+    print(f"peak RSS     {result['peak_rss_mb']:8.0f} MiB")
+    return 0
+
+
+def register(subparsers) -> None:
+    from .cli import add_model_args
+
+    p = subparsers.add_parser("bench", help="measure prefill, decode (batch 1 and 16), load time and memory")
+    add_model_args(p)
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization (bfloat16 activations); converted once, then cached")
+    p.add_argument("--threads", type=_positive, default=os.cpu_count(), help="torch threads (default: every core)")
+    p.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS)
+    p.add_argument("--decode-tokens", type=_positive, default=DECODE_TOKENS, help="decode steps timed per batch size")
+    p.add_argument("--batch-sizes", type=_sizes, default=[1, 16], help="comma-separated (default: 1,16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _sizes(text: str) -> list[int]:
+    return [_positive(t) for t in text.split(",")]

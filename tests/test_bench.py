@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from gemmakit import bench
+from gemmakit.cli import main
+
+
+def test_bench_prompt_is_fixed_and_has_no_special_tokens():
+    ids = bench.bench_prompt(8192, 300)
+    assert ids == bench.bench_prompt(8192, 300) and len(ids) == 301 and ids[0] == 2
+    assert all(1000 <= i < 8192 for i in ids[1:])
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
+def test_bench_command_reports_every_figure(capsys, extra):
+    code = main(["bench", "--model", "gemma-tiny", "--threads", "1", "--prefill-tokens", "16",
+                 "--decode-tokens", "2", "--batch-sizes", "1,3", "--json", *extra])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b3_tok_s", "load_s", "peak_rss_mb", "weights_mb"):
+        assert result[key] > 0, key
+    assert result["dtype"] == ("bfloat16" if extra else "float32")
+    assert result["quantize"] == (extra[1] if extra else None)
+
+
+def test_bench_rejects_a_non_positive_count(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "gemma-tiny", "--decode-tokens", "0"])
+    assert "positive integer" in capsys.readouterr().err
