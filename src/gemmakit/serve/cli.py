@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(lm, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.context)
     print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: {args.host} is reachable from other machines and --api-key is not set", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
