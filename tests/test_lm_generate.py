@@ -14,7 +14,8 @@ from gemmakit.tokenizer import Tokenizer
 
 @pytest.fixture
 def one_thread():
-    """Tiny models: threads only add synchronisation (and fight the other tests on a 2-core box)."""
+    """Tiny models: threads only add synchronisation. The real model's decode steps are small too:
+    on a busy 2-core box two threads spin-waiting on each other took 5-8x longer than one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -145,7 +146,7 @@ def test_chat_that_outgrows_its_context_raises(lm, sentencepiece_model, one_thre
         LM(lm.module, Tokenizer.from_file(sentencepiece_model, family="gemma2")).chat(system="be brief")
 
 
-def test_chat_on_the_real_model_equals_the_rendered_conversation(real_lm):
+def test_chat_on_the_real_model_equals_the_rendered_conversation(real_lm, one_thread):
     tok = real_lm.tokenizer
     session = real_lm.chat(max_new_tokens=8, max_len=256)
     session.send("What is the capital of France?")
@@ -162,7 +163,7 @@ def test_chat_on_the_real_model_equals_the_rendered_conversation(real_lm):
 CONFIDENT = 1.0
 
 
-def test_greedy_reproduces_llamacpp(real_lm, llamacpp_reference):
+def test_greedy_reproduces_llamacpp(real_lm, llamacpp_reference, one_thread):
     results = llamacpp_reference["results"]
     engine = Engine(real_lm.module, real_lm.tokenizer, max_batch=len(results), max_len=64)
     requests = [engine.add(r["prompt_token_ids"], len(r["generated_token_ids"])) for r in results]  # no stop ids
