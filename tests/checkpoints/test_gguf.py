@@ -241,6 +241,55 @@ def test_tensors_load_lazily_one_at_a_time(tmp_path, sentencepiece_model, monkey
     assert sum(calls) == CONFIGS["gemma"].vocab_size  # that tensor's rows, and nothing else
 
 
+def _metadata_only(path: Path, arch: str, d_model: int, n_layers: int, n_heads: int, ffn: int = 1024,
+                   **keys) -> GemmaConfig:
+    """The config read from a GGUF holding these metadata and only an embedding (config needs no more)."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_context_length(8192)
+    w.add_embedding_length(d_model)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    for key, value in keys.items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tensor("token_embd.weight", np.zeros((8, d_model), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf_reader.read(path).config
+
+
+def test_config_rules_follow_llamacpp(tmp_path):
+    """What llama.cpp's loader derives rather than reads: its defaults and the 27B query scale."""
+    f = tmp_path / "m.gguf"
+    gemma = _metadata_only(f, "gemma", 2048, 18, 8, 16_384, head_count_kv=1, key_length=256)
+    assert gemma == preset("gemma-2b").replace(vocab_size=8)
+    # Gemma 2 without the optional keys: window 4096, caps 50 and 30; 27B found by its 46 layers.
+    g27 = _metadata_only(f, "gemma2", 4608, 46, 32, 36_864, head_count_kv=16, key_length=128)
+    assert g27 == preset("gemma2-27b").replace(vocab_size=8)
+    assert g27.query_pre_attn_scalar == 144 and g27.sliding_window == 4096 and g27.global_every == 2
+    g9 = _metadata_only(f, "gemma2", 3584, 42, 16, 14_336, head_count_kv=8, key_length=256, sliding_window=4096,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    assert g9 == preset("gemma2-9b").replace(vocab_size=8)
+    # Gemma 3: rope.freq_base is the global base, sliding layers keep 10,000; linear scaling on global
+    # layers only; 27B (62 layers) scales queries by d_model / n_heads = 168.
+    g4 = _metadata_only(f, "gemma3", 2560, 34, 8, head_count_kv=4, key_length=256, sliding_window=1024,
+                        rope_freq_base=1_000_000.0, rope_scaling_type=gguf.RopeScalingType.LINEAR,
+                        rope_scaling_factor=8.0)
+    assert (g4.rope_theta, g4.rope_theta_global, g4.rope_scale_global) == (10_000.0, 1_000_000.0, 8.0)
+    assert (g4.sliding_window, g4.global_every, g4.query_pre_attn_scalar, g4.qk_norm) == (1024, 6, 256, True)
+    g27 = _metadata_only(f, "gemma3", 5376, 62, 32, head_count_kv=16, key_length=128, sliding_window=1024)
+    assert g27.query_pre_attn_scalar == 168 and g27.rope_theta_global == 10_000.0  # llama.cpp's default base
+    # No window: every layer global, at rope.freq_base.
+    full = _metadata_only(f, "gemma3", 640, 18, 4, head_count_kv=1, key_length=256, rope_freq_base=1e6)
+    assert full.sliding_window is None and not any(full.is_sliding(i) for i in range(18))
+    assert full.global_theta == 1e6
+    with pytest.raises(ConfigError, match="m.gguf: RoPE scaling 'yarn'"):
+        _metadata_only(f, "gemma3", 640, 18, 4, rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0)
+
+
 # -- the real Gemma 3 270M -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_logits(real_lm, llamacpp_reference) -> dict[tuple[int, ...], torch.Tensor]:
