@@ -141,6 +141,7 @@ class Engine:
         slot, reused = self._pick_slot(prompt)
         row = self._active
         self._swap(slot, row)
+        self._held[row] = []  # until the request ends (a prefill that fails leaves no false record)
         if reused:
             self.cache.truncate(row, reused)
         else:
