@@ -73,6 +73,8 @@ def read(path: str | os.PathLike) -> Checkpoint:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the innermost dim first
         if not shape or min(shape) <= 0:
             raise CheckpointError(f"{path}: tensor {t.name} has shape {list(shape)}")
+        if name in tensors:  # blk.01 and blk.1, say
+            raise CheckpointError(f"{path}: tensor {t.name} is a second copy of {name}")
         _check_supported(t, path)
         tensors[name] = TensorRef(shape, partial(_load, t, shape, 1.0 if name.endswith("norm.weight") else 0.0, release))
     if "embed.weight" not in tensors:
@@ -223,9 +225,6 @@ _MISSING = object()
 class _Metadata:
     def __init__(self, reader, path: Path):
         self.fields, self.path = reader.fields, path
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
 
     def get(self, key: str, kind: type, default=_MISSING):
         """A scalar of `kind` (int, float, str or bool); ConfigError if it is missing or of another type."""
