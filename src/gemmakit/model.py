@@ -72,6 +72,12 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, KV, T, D)
         # Grouped queries share their K/V head: fold the G query heads of a group into the
         # query-length axis instead of copying K/V per head. mask is (B, 1, G*T, S) to match.
+        if mask is None:
+            # A plain causal sequence (training, full forward): SDPA's fused causal kernel, which
+            # is much faster than a masked one, forward and backward.
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=KV != H)  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
         G = H // KV
         q = q.transpose(1, 2).reshape(B, KV, G * T, D)  # (B, KV, G*T, D)
         if self.softcap is None:
@@ -150,24 +156,28 @@ class Gemma(nn.Module):
         """
         c = self.config
         B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed(tokens)
         # The references cast sqrt(d_model) to the activation dtype first (55.5, not 55.43, in bf16).
         x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype)
 
+        # Without a cache, from position 0 and within the window, attention is plainly causal.
+        plain_causal = positions is None and cache is None and c.attn_logit_softcap is None
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
         slots = cache.record(positions) if cache is not None else None
         G = c.n_heads // c.n_kv_heads
         ropes, masks = {}, {}
         for sliding in {blk.sliding for blk in self.layers}:
+            theta, scale = (c.rope_theta, 1.0) if sliding else (c.global_theta, c.rope_scale_global)
+            ropes[sliding] = rope_tables(positions, c.head_dim, theta, scale)
+            if plain_causal and (not sliding or T <= c.sliding_window):
+                masks[sliding] = None  # SDPA's own causal kernel, see Attention
+                continue
             kv_pos = cache.positions(sliding) if cache is not None else positions  # (B, S)
             q_pos = positions[:, :, None]  # (B, T, 1)
             mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos)  # (B, T, S)
             if sliding:
                 mask &= q_pos - kv_pos[:, None, :] < c.sliding_window
-                ropes[sliding] = rope_tables(positions, c.head_dim, c.rope_theta)
-            else:
-                ropes[sliding] = rope_tables(positions, c.head_dim, c.global_theta, c.rope_scale_global)
             masks[sliding] = mask[:, None].repeat(1, 1, G, 1)  # (B, 1, G*T, S), see Attention
 
         for blk in self.layers:
