@@ -1,0 +1,135 @@
+"""MMLU scoring speed of the real Gemma 3 270M: gemmakit's harness, lm-eval's transformers backend
+(`model="hf"`) and lm-eval through gemmakit's bridge (`model="gemmakit"`), on the same items, float32,
+CPU, the same torch threads. Prints a table of items/s, seconds and accuracy, and how far the three
+disagree item by item.
+
+    nice python benchmarks/eval_speed.py [--items 20] [--threads 1]
+
+The GGUF (gemmakit.default_model) is written once as a Hugging Face folder under the gemmakit cache
+(`gemmakit.checkpoints.hf.save`), which transformers loads. The items are the first `--items` of
+MMLU's stratified slice (`--per-subject` questions of each subject, after its 5-shot examples), as
+gemmakit builds them; lm-eval scores the same prompts as a local YAML task over a JSONL file (its
+`target_delimiter` " " joins the prompt and the letter, as in lm-eval's own `mmlu`), zero further
+shots. Times are for scoring only: the models are loaded before the clocks start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import gemmakit
+from gemmakit.default_model import cache_dir, default_model_path
+from gemmakit.eval import evaluate
+from gemmakit.eval.mc import mmlu
+
+TASK_YAML = """task: gemmakit_speed_mmlu
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def hf_folder(lm) -> Path:
+    """The GGUF as a Hugging Face folder, written once into the cache."""
+    from gemmakit.checkpoints import hf
+
+    folder = cache_dir() / "eval_speed" / (Path(default_model_path()).stem + "-hf-float32")
+    if not (folder / "config.json").is_file():
+        hf.save(lm, folder)
+    return folder
+
+
+def lm_eval_run(model, tasks_dir: Path, name: str) -> tuple[float, list[dict]]:
+    """Seconds of simple_evaluate on the local task, and its samples in item order."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=model, tasks=[name], num_fewshot=0, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    seconds = time.perf_counter() - start
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    return seconds, [{"logprobs": [float(r[0][0]) for r in s["resps"]], "acc": float(s["acc"])} for s in samples]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=20)
+    ap.add_argument("--per-subject", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hf-batch-size", type=int, default=1, help="lm-eval hf batch size (requests per forward)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="gemmakit-eval-speed-"))
+    # lm-eval reads the local JSONL through `datasets`: keep it off the hub and out of the user's cache.
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(work / "hf-cache"))
+
+    lm = gemmakit.load(default_model_path(), dtype="float32", progress=False)
+    task = mmlu(lm, shots=5, per_subject=args.per_subject)
+    task.items = task.items[:args.items]
+    data = work / "items.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": x["prompt"], "answer": x["answer"]}) for x in task.items))
+    (work / "tasks").mkdir()
+    (work / "tasks" / "speed.yaml").write_text(TASK_YAML.format(data=data))
+
+    from lm_eval.models.huggingface import HFLM
+
+    from gemmakit.eval.lm_eval_bridge import GemmakitLM
+
+    folder = hf_folder(lm)
+    hf_lm = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=args.hf_batch_size,
+                 add_bos_token=True)
+    probe = task.items[0]["prompt"]
+    if hf_lm.tok_encode(probe) != lm.tokenizer.encode(probe):
+        raise SystemExit("transformers' tokenizer of the converted folder encodes the prompt differently")
+
+    rows = []
+    load = os.getloadavg()
+    start = time.perf_counter()
+    ours = evaluate(lm, task, progress=False)
+    rows.append(("gemmakit harness", time.perf_counter() - start,
+                 [{"logprobs": r["logprobs"], "acc": r["acc"]} for r in ours["records"]]))
+    seconds, recs = lm_eval_run(hf_lm, work / "tasks", "gemmakit_speed_mmlu")
+    rows.append((f"lm-eval hf (transformers, batch {args.hf_batch_size})", seconds, recs))
+    seconds, recs = lm_eval_run(GemmakitLM(lm=lm), work / "tasks", "gemmakit_speed_mmlu")
+    rows.append(("lm-eval --model gemmakit", seconds, recs))
+    load_after = os.getloadavg()
+
+    n = len(task.items)
+    print(f"\n{n} MMLU items (5-shot, {args.per_subject} per subject after the examples, first {n}), float32, "
+          f"{args.threads} torch thread(s), {platform.processor() or platform.machine()}, "
+          f"load average {load[0]:.1f} before, {load_after[0]:.1f} after")
+    print("| backend | items/s | seconds | acc | max abs logprob diff vs gemmakit | items whose prediction differs |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    ref = rows[0][2]
+    for name, seconds, recs in rows:
+        acc = sum(r["acc"] for r in recs) / n
+        err = math.sqrt(acc * (1 - acc) / (n - 1))
+        diff = max(abs(a - b) for r, q in zip(recs, ref) for a, b in zip(r["logprobs"], q["logprobs"]))
+        preds = sum(_argmax(r["logprobs"]) != _argmax(q["logprobs"]) for r, q in zip(recs, ref))
+        print(f"| {name} | {n / seconds:.3f} | {seconds:.1f} | {acc:.3f} ± {err:.3f} | {diff:.1e} | {preds} |")
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+if __name__ == "__main__":
+    main()
