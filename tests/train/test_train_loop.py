@@ -124,3 +124,10 @@ def test_lora_finetune_on_chats(tmp_path, tiny_config, tiny_tokenizer, chats):
     x = torch.tensor([tiny_tokenizer.chat_ids([{"role": "user", "content": "what is 2 and 3"}])])
     with torch.no_grad():
         torch.testing.assert_close(tuned.logits(x), with_adapter(x), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_config_file, corpus):
+    eager = train(run_config(tmp_path / "eager", tiny_config_file, [corpus], max_steps=4, save_every=4))
+    compiled = train(run_config(tmp_path / "compiled", tiny_config_file, [corpus], max_steps=4, save_every=4,
+                                compile=True))
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-4)

@@ -46,6 +46,7 @@ def register(sub) -> None:
         p.add_argument("--lora-targets", nargs="+", help="modules that get adapters (default: q/k/v/o/gate/up/down)")
         p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
         p.add_argument("--activation-checkpointing", action="store_true", default=None)
+        p.add_argument("--compile", action="store_true", default=None, help="torch.compile the forward (faster steps)")
         p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
         p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
         p.set_defaults(func=run, sft=sft)
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from .loop import TrainConfig, train
 
     values = read_config_file(args.config) if args.config else {}
-    for name in ["model", "data", "out", "lora_targets", "bf16", "activation_checkpointing", "resume", "progress",
+    for name in ["model", "data", "out", "lora_targets", "bf16", "activation_checkpointing", "compile", "resume", "progress",
                  *FLAGS]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)

@@ -52,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = False  # autocast matmuls to bfloat16; weights and optimizer stay float32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the forward: fuses the norm/RoPE/GeGLU element-wise work
     val_fraction: float = 0.05
     eval_every: int = 100
     eval_batches: int = 4
@@ -235,6 +236,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     model = model.to(world.device).train()
     module = model
     model = distributed.wrap(model, world, cfg.strategy)
+    forward = torch.compile(model) if cfg.compile else model  # `model` stays the one to save and load
     optimizer = _optimizer(cfg, model)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -269,7 +271,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             for i in range(0, len(mine), cfg.batch_size):
                 x, y = data.collate(sources, mine[i: i + cfg.batch_size])
                 with autocast():
-                    logits = model(x.to(world.device))
+                    logits = forward(x.to(world.device))
                 total += float(loss_sum(logits, y.to(world.device)))
                 count += int((y != data.IGNORE).sum())
         model.train()
@@ -296,7 +298,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             sync = model.no_sync() if world.size > 1 and not last and hasattr(model, "no_sync") else contextlib.nullcontext()
             with sync:
                 with autocast():
-                    logits = model(x.to(world.device))
+                    logits = forward(x.to(world.device))
                 piece = loss_sum(logits, y.to(world.device))
                 # DDP and FSDP average gradients over processes; the world size undoes that.
                 (piece * (world.size / max(n_targets, 1.0))).backward()
