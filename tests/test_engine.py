@@ -35,11 +35,7 @@ def model(tokenizer):
                          query_pre_attn_scalar=16)
     torch.manual_seed(0)
     model = Gemma(config)
-    model.reset_parameters(std=0.02)
-    with torch.no_grad():  # random norm weights make a random model's greedy output vary
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0, 0.3)
+    model.reset_parameters(std=0.02, norm_std=0.3)  # random norms make greedy outputs vary
     return model.eval()
 
 

@@ -29,11 +29,7 @@ def tiny_model(vocab_size: int, family: str = "gemma3", max_seq_len: int = 256) 
                          head_dim=16, ffn_dim=128, max_seq_len=max_seq_len, **extra)
     torch.manual_seed(0)
     model = Gemma(config)
-    model.reset_parameters(std=0.02)
-    with torch.no_grad():  # random norm weights make a random model's greedy output vary
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0, 0.3)
+    model.reset_parameters(std=0.02, norm_std=0.3)  # random norms make greedy outputs vary
     return model.eval()
 
 

@@ -140,12 +140,11 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float = 0.02, norm_std: float = 0.0) -> None:
+        """Random matrices; norm weights 0 (a scale of 1), or random with norm_std, as tests want
+        so that a norm read into the wrong place changes the output."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, std=std)
+            nn.init.normal_(p, std=norm_std if name.endswith("norm.weight") else std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:

@@ -70,9 +70,8 @@ def gguf_name(ours: str) -> str:
 def random_model(config: GemmaConfig, seed: int = 0) -> Gemma:
     torch.manual_seed(seed)
     model = Gemma(config)
-    for p in model.parameters():
-        # Norm weights random too, so that a norm read into the wrong place (or without the -1) shows.
-        torch.nn.init.normal_(p, std=0.3 if p.dim() == 1 else 0.05)
+    # Norm weights random too, so that a norm read into the wrong place changes the logits.
+    model.reset_parameters(std=0.05, norm_std=0.3)
     return model.eval()
 
 

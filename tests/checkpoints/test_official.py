@@ -27,9 +27,8 @@ IDS = torch.tensor([[2, 17, 301, 5, 44, 44, 9, 511, 3, 100, 7, 250]])
 def random_model(config: GemmaConfig, seed: int = 0) -> Gemma:
     torch.manual_seed(seed)
     model = Gemma(config)
-    for p in model.parameters():
-        # Norm weights random too, so that a norm read into the wrong place changes the logits.
-        torch.nn.init.normal_(p, std=0.3 if p.dim() == 1 else 0.05)
+    # Norm weights random too, so that a norm read into the wrong place changes the logits.
+    model.reset_parameters(std=0.05, norm_std=0.3)
     return model.eval()
 
 
