@@ -22,7 +22,7 @@ def greedy_margin(model: Gemma, prompt: list[int], output: list[int]) -> float:
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-@pytest.mark.parametrize("streams", [1, Q.DENSE_ROWS + 2])  # integer kernels; dense path for many rows
+@pytest.mark.parametrize("streams", [1, Q.DENSE_ROWS["int8"] + 2])  # integer kernels; int8's dense path for many rows
 def test_engine_decodes_the_quantized_models_greedy_tokens(mode, streams):
     model = Q.quantize(tiny_model(TINY3, seed=5), mode)
     gen = torch.Generator().manual_seed(6)

@@ -51,7 +51,7 @@ def test_int4_error_is_within_half_a_step_per_group():
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-@pytest.mark.parametrize("rows", [1, 3, Q.DENSE_ROWS + 5])  # integer kernel, and dense path above DENSE_ROWS
+@pytest.mark.parametrize("rows", [1, 3, Q.DENSE_ROWS["int8"] + 5])  # integer kernel; int8's dense path for many rows
 def test_forward_equals_the_dequantized_matmul(mode, rows):
     q = Q.QuantizedLinear.from_float(weight(), mode)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
