@@ -1,7 +1,8 @@
 """MMLU scoring speed of the real Gemma 3 270M: gemmakit's harness, lm-eval's transformers backend
 (`model="hf"`) and lm-eval through gemmakit's bridge (`model="gemmakit"`), on the same items, float32,
-CPU, the same torch threads. Prints a table of items/s, seconds and accuracy, and how far the three
-disagree item by item.
+CPU, the same torch threads. Prints a table of items/s, wall and CPU seconds and accuracy, and how far
+the three disagree item by item. On a shared machine the CPU seconds (this process's, all threads)
+are the steadier measure: wall time also counts the time other processes held the cores.
 
     nice python benchmarks/eval_speed.py [--items 20] [--threads 1]
 
@@ -56,17 +57,17 @@ def hf_folder(lm) -> Path:
     return folder
 
 
-def lm_eval_run(model, tasks_dir: Path, name: str) -> tuple[float, list[dict]]:
-    """Seconds of simple_evaluate on the local task, and its samples in item order."""
+def lm_eval_run(model, tasks_dir: Path, name: str) -> tuple[float, float, list[dict]]:
+    """Wall and CPU seconds of simple_evaluate on the local task, and its samples in item order."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = lm_eval.simple_evaluate(model=model, tasks=[name], num_fewshot=0, log_samples=True,
                                   task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
-    return seconds, [{"logprobs": [float(r[0][0]) for r in s["resps"]], "acc": float(s["acc"])} for s in samples]
+    return seconds, cpu, [{"logprobs": [float(r[0][0]) for r in s["resps"]], "acc": float(s["acc"])} for s in samples]
 
 
 def main() -> None:
@@ -102,29 +103,29 @@ def main() -> None:
 
     rows = []
     load = os.getloadavg()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ours = evaluate(lm, task, progress=False)
-    rows.append(("gemmakit harness", time.perf_counter() - start,
+    rows.append(("gemmakit harness", time.perf_counter() - start, time.process_time() - cpu,
                  [{"logprobs": r["logprobs"], "acc": r["acc"]} for r in ours["records"]]))
-    seconds, recs = lm_eval_run(hf_lm, work / "tasks", "gemmakit_speed_mmlu")
-    rows.append((f"lm-eval hf (transformers, batch {args.hf_batch_size})", seconds, recs))
-    seconds, recs = lm_eval_run(GemmakitLM(lm=lm), work / "tasks", "gemmakit_speed_mmlu")
-    rows.append(("lm-eval --model gemmakit", seconds, recs))
+    rows.append((f"lm-eval hf (transformers, batch {args.hf_batch_size})",
+                 *lm_eval_run(hf_lm, work / "tasks", "gemmakit_speed_mmlu")))
+    rows.append(("lm-eval --model gemmakit", *lm_eval_run(GemmakitLM(lm=lm), work / "tasks", "gemmakit_speed_mmlu")))
     load_after = os.getloadavg()
 
     n = len(task.items)
     print(f"\n{n} MMLU items (5-shot, {args.per_subject} per subject after the examples, first {n}), float32, "
           f"{args.threads} torch thread(s), {platform.processor() or platform.machine()}, "
           f"load average {load[0]:.1f} before, {load_after[0]:.1f} after")
-    print("| backend | items/s | seconds | acc | max abs logprob diff vs gemmakit | items whose prediction differs |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    ref = rows[0][2]
-    for name, seconds, recs in rows:
+    print("| backend | items/s | seconds | CPU seconds | acc | max abs logprob diff vs gemmakit "
+          "| items whose prediction differs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    ref = rows[0][3]
+    for name, seconds, cpu, recs in rows:
         acc = sum(r["acc"] for r in recs) / n
         err = math.sqrt(acc * (1 - acc) / (n - 1))
         diff = max(abs(a - b) for r, q in zip(recs, ref) for a, b in zip(r["logprobs"], q["logprobs"]))
         preds = sum(_argmax(r["logprobs"]) != _argmax(q["logprobs"]) for r, q in zip(recs, ref))
-        print(f"| {name} | {n / seconds:.3f} | {seconds:.1f} | {acc:.3f} ± {err:.3f} | {diff:.1e} | {preds} |")
+        print(f"| {name} | {n / seconds:.3f} | {seconds:.1f} | {cpu:.1f} | {acc:.3f} ± {err:.3f} | {diff:.1e} | {preds} |")
 
 
 def _argmax(values: list[float]) -> int:
