@@ -27,9 +27,13 @@ GEMMAKIT = {  # name -> `gemmakit bench` arguments
     "gemmakit-int4": ["--quantize", "int4"],
 }
 PEERS = ["llama.cpp", "transformers-float32", "transformers-bfloat16"]
-FIGURES = [("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("decode_b1_tok_s", "decode b1", "{:.1f}"),
-           ("decode_b16_tok_s", "decode b16", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
-           ("peak_rss_mb", "peak RSS MiB", "{:.0f}")]
+
+
+def figures(batch_sizes) -> list[tuple[str, str, str]]:
+    """(result key, column label, format) for every column of the table."""
+    return ([("prefill_tok_s", "prefill tok/s", "{:.0f}")]
+            + [(f"decode_b{n}_tok_s", f"decode b{n} tok/s", "{:.1f}") for n in batch_sizes]
+            + [("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}")])
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -126,16 +130,18 @@ def run_one(name: str, args) -> dict:
                "--batch-sizes", ",".join(map(str, args.batch_sizes)), *GEMMAKIT[name]]
         if args.model:
             cmd += ["--model", args.model]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    done = subprocess.run([sys.executable, __file__, "--peer", name, "--threads", str(args.threads),
-                           "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
-                           "--batch-sizes", ",".join(map(str, args.batch_sizes))]
-                          + (["--model", args.model] if args.model else []), capture_output=True, text=True)
+        return _json_of(subprocess.run(cmd, capture_output=True, text=True))
+    cmd = [sys.executable, __file__, "--peer", name, "--threads", str(args.threads),
+           "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
+           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--model", args.model] if args.model else [])
+    return _json_of(subprocess.run(cmd, capture_output=True, text=True))
+
+
+def _json_of(done: subprocess.CompletedProcess) -> dict:
     if done.returncode:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+        errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+        last = (errors or done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"exit {done.returncode}: {last}")  # -4: SIGILL (see RESULTS.md)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -152,15 +158,16 @@ def peer_main(args) -> None:
     print(json.dumps(out))
 
 
-def table(results: dict[str, dict]) -> str:
+def table(results: dict[str, dict], batch_sizes) -> str:
     base = results.get("llama.cpp")
-    lines = ["| engine | " + " | ".join(label for _, label, _ in FIGURES) + " |",
-             "|---|" + "---|" * len(FIGURES)]
+    columns = figures(batch_sizes)
+    lines = ["| engine | " + " | ".join(label for _, label, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for name, r in results.items():
         cells = []
-        for key, _, fmt in FIGURES:
+        for key, _, fmt in columns:
             if "error" in r or key not in r:
-                cells.append(r.get("error", "-")[:40] if key == FIGURES[0][0] else "-")
+                cells.append(r.get("error", "-")[:60] if key == columns[0][0] else "-")
                 continue
             cell = fmt.format(r[key])
             if base and key in base and name != "llama.cpp":
@@ -219,7 +226,7 @@ def main() -> None:
         except Exception as e:  # a missing peer must not hide the others' figures
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
-    print(table(results))
+    print(table(results, args.batch_sizes))
     if args.plot:
         plot(results, args, args.plot)
 
