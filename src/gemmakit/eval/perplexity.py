@@ -1,7 +1,7 @@
 """Perplexity and bits per byte of text files.
 
-Each file is scored as one document (BOS, then its tokens) in disjoint windows (`Scorer.rolling`,
-as lm-eval's loglikelihood_rolling). Bits per byte divides the summed negative log-likelihood by
+Each file is scored as one document (BOS, then its tokens) in disjoint windows that each start
+from BOS (`Scorer.rolling`; lm-eval's loglikelihood_rolling for one window, see there). Bits per byte divides the summed negative log-likelihood by
 the file's UTF-8 length, so tokenizers of different granularity compare.
 """
 
