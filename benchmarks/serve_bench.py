@@ -36,6 +36,20 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
            "The history of the printing press", "My favourite programming language is"]
 
 
+# llama_cpp.server exposes no switch for llama_model_params.use_extra_bufts; set it the one way there is.
+LLAMA_NO_EXTRA_BUFFERS = """
+import llama_cpp.llama_cpp as C
+default = C.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+C.llama_model_default_params = params
+from llama_cpp.server.__main__ import main
+main()
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,6 +154,9 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", help="gemmakit's weights (llama.cpp computes on the GGUF's own)")
     p.add_argument("--servers", nargs="+", default=["gemmakit", "llama.cpp"], choices=["gemmakit", "llama.cpp"])
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    p.add_argument("--no-extra-buffers", action="store_true",
+                   help="llama.cpp without its extra CPU buffer types (AMX, repacked weights): for machines that "
+                        "advertise AMX but fault on it (Illegal instruction)")
     args = p.parse_args()
     if args.model is None:
         from gemmakit.default_model import default_model_path
@@ -151,7 +168,8 @@ def main() -> int:
         "gemmakit": lambda port: [sys.executable, "-m", "gemmakit.cli", "serve", "--model", args.model,
                                   "--port", str(port), "--threads", str(args.threads), "--dtype", args.dtype,
                                   "--max-batch", str(max(args.clients)), "--context", str(context)],
-        "llama.cpp": lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", args.model,
+        "llama.cpp": lambda port: [sys.executable, "-c", LLAMA_NO_EXTRA_BUFFERS if args.no_extra_buffers else
+                                   "from llama_cpp.server.__main__ import main; main()", "--model", args.model,
                                    "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
                                    "--n_threads_batch", str(args.threads), "--n_ctx", str(context)],
     }
@@ -184,6 +202,9 @@ def main() -> int:
              f"{args.requests_per_client} per client; tokens/s counts completion tokens over the wall time. "
              f"Load average before the run: {load_before:.1f} (other work on the box skews absolute numbers).",
              "", table(rows), ""]
+    if args.no_extra_buffers and "llama.cpp" in args.servers:
+        lines += ["llama.cpp ran without its extra CPU buffer types (`--no-extra-buffers`: this VM advertises AMX "
+                  "but raises Illegal instruction on it), so without its repacked Q4_K kernels too.", ""]
     if "llama.cpp" not in args.servers:
         lines += ["llama.cpp's server was not part of this run.", ""]
     if 1 in ours and max(args.clients) in ours and max(args.clients) > 1:
