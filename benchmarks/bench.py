@@ -43,9 +43,19 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 
 # -- peers ----------------------------------------------------------------------------------------
-def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes) -> dict:
+def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes, extra_buffers: bool = True) -> dict:
     import llama_cpp as L
     import numpy as np
+
+    if not extra_buffers:  # Llama() has no switch for it; wrap the defaults it starts from
+        default = L.llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        L.llama_cpp.llama_model_default_params = params
 
     start = time.perf_counter()
     llm = L.Llama(model_path=path, n_ctx=prefill + 64, n_batch=prefill, n_threads=threads,
@@ -133,7 +143,8 @@ def run_one(name: str, args) -> dict:
         return _json_of(subprocess.run(cmd, capture_output=True, text=True))
     cmd = [sys.executable, __file__, "--peer", name, "--threads", str(args.threads),
            "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
-           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--model", args.model] if args.model else [])
+           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--model", args.model] if args.model else []) \
+        + (["--llama-no-extra-buffers"] if args.llama_no_extra_buffers else [])
     return _json_of(subprocess.run(cmd, capture_output=True, text=True))
 
 
@@ -150,7 +161,8 @@ def peer_main(args) -> None:
 
     path = args.model or str(default_model_path())
     if args.peer == "llama.cpp":
-        out = run_llamacpp(path, args.threads, args.prefill_tokens, args.decode_tokens, args.batch_sizes)
+        out = run_llamacpp(path, args.threads, args.prefill_tokens, args.decode_tokens, args.batch_sizes,
+                           extra_buffers=not args.llama_no_extra_buffers)
     else:
         out = run_transformers(path, args.threads, args.prefill_tokens, args.decode_tokens, args.peer.split("-")[1],
                                args.batch_sizes)
@@ -210,6 +222,9 @@ def main() -> None:
                    help="decode batch sizes (default 1,16; the plot wants 1,2,4,8,16)")
     p.add_argument("--only", default=None, help="comma-separated engines (default: all): "
                    + ", ".join([*GEMMAKIT, *PEERS]))
+    p.add_argument("--llama-no-extra-buffers", action="store_true",
+                   help="llama.cpp without its extra CPU buffer types (AMX, repacked weights): for VMs that "
+                        "advertise AMX but fault on it (exit -4, Illegal instruction); slows llama.cpp down")
     p.add_argument("--plot", default=None, help="write a PNG of tok/s against batch size here")
     p.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run one peer in this process
     args = p.parse_args()
