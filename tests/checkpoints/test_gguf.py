@@ -227,6 +227,32 @@ def test_tokenizer_rebuilt_from_metadata(tmp_path, sentencepiece_model):
     assert not rebuilt.normalizer_spec.remove_extra_whitespaces
 
 
+
+def test_user_defined_whitespace_pieces_written_as_llamacpp_writes_them(tmp_path, sentencepiece_model):
+    """Gemma's whitespace runs (its 4-space indent, ...) are user-defined pieces "▁▁▁▁"; llama.cpp's
+    converter writes them with spaces ("    "), and the rebuilt tokenizer must still use them."""
+    import sentencepiece as spm
+
+    def with_piece(text: str) -> Path:
+        proto = pb.ModelProto()
+        proto.ParseFromString(sentencepiece_model.read_bytes())
+        last = proto.pieces[-1]  # the rarest merge, given over to the whitespace piece
+        last.piece, last.type, last.score = text, pb.ModelProto.SentencePiece.USER_DEFINED, 0.0
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.model"
+        out.write_bytes(proto.SerializeToString())
+        return out
+
+    original = spm.SentencePieceProcessor(model_file=str(with_piece("▁▁▁▁")))
+    indent = original.GetPieceSize() - 1
+    text = "def f(x):\n    return x\n        y  z"
+    assert original.EncodeAsIds(text).count(indent) == 3  # the real SentencePiece uses the piece
+    path = tmp_path / "ws.gguf"
+    write_gguf(path, random_model(CONFIGS["gemma"]), with_piece("    "))
+    tok = gguf_reader.read(path).tokenizer
+    assert tok.encode(text, add_bos=False) == original.EncodeAsIds(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
 def test_tensors_load_lazily_one_at_a_time(tmp_path, sentencepiece_model, monkeypatch):
     path = tmp_path / "lazy.gguf"
     write_gguf(path, random_model(CONFIGS["gemma"]), sentencepiece_model, quantized=True)

@@ -341,6 +341,11 @@ def _tokenizer(meta: _Metadata, path: Path) -> Tokenizer | None:
         # SentencePiece wants exactly one UNKNOWN piece; converters often mark <unk> as control.
         kind = piece_type.UNKNOWN if i == ids["unknown"] else (
             piece_type.CONTROL if kinds[kind] == piece_type.UNKNOWN else kinds[kind])
+        if kind == piece_type.USER_DEFINED:
+            # llama.cpp's converter writes user-defined pieces with "▁" turned back into spaces (it
+            # matches them in raw text); SentencePiece matches them after escaping spaces, so a
+            # whitespace run such as Gemma's 4-space indent would otherwise never be one token.
+            piece = piece.replace(" ", "▁")
         proto.pieces.add(piece=piece, score=score, type=kind)
     spec = proto.trainer_spec
     spec.model_type = pb.TrainerSpec.BPE
