@@ -65,6 +65,13 @@ class Server:
         assert not self.thread.is_alive(), "the server did not shut down"
 
 
+@pytest.fixture(scope="session")
+def server_type():
+    """`Server` for module-scoped fixtures (test files cannot import this conftest by name: another
+    test folder's conftest may hold that module name)."""
+    return Server
+
+
 @pytest.fixture
 def start_server():
     """start_server(app, graceful_timeout) -> Server; every server started is shut down after the test."""

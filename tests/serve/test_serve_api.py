@@ -10,11 +10,9 @@ KEY = "sk-test-key"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lm):
+def server(tiny_lm, server_type):
     """One server for the module (with an API key), on a free loopback port."""
-    from conftest import Server
-
-    s = Server(create_app(tiny_lm, api_key=KEY, max_batch=4, max_queue=8, max_len=128))
+    s = server_type(create_app(tiny_lm, api_key=KEY, max_batch=4, max_queue=8, max_len=128))
     yield s
     s.stop()
 
