@@ -2,12 +2,13 @@
 config, batch, loss and optimizer (AdamW), float32. The two are timed in alternation, step by
 step, so that load from other processes falls on both alike. Prints a table of tokens/s.
 
-    python benchmarks/train_speed.py [--steps 10] [--threads 2]
+    python benchmarks/train_speed.py [--steps 10] [--threads 2] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time gemmakit's forward under torch.compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,6 +53,10 @@ def main() -> None:
                            | {"lm_head.weight": ours.embed.weight.detach()}, strict=True)
     opts = {"gemmakit": torch.optim.AdamW(ours.parameters(), lr=1e-4),
             "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4)}
+    if args.compile:  # the same weights in a second copy, so that each copy has its own optimizer
+        ours_c = copy.deepcopy(ours)
+        compiled = torch.compile(ours_c)
+        opts["gemmakit, compiled"] = torch.optim.AdamW(ours_c.parameters(), lr=1e-4)
 
     def step_ours(x, y):
         loss = loss_sum(ours(x), y) / y.numel()
@@ -63,7 +69,14 @@ def main() -> None:
         loss.backward()
         return loss
 
+    def step_compiled(x, y):
+        loss = loss_sum(compiled(x), y) / y.numel()
+        loss.backward()
+        return loss
+
     steps = {"gemmakit": step_ours, "transformers": step_theirs}
+    if args.compile:
+        steps["gemmakit, compiled"] = step_compiled
     times = {k: [] for k in steps}
     losses = {k: [] for k in steps}
     g = torch.Generator().manual_seed(0)
@@ -84,7 +97,10 @@ def main() -> None:
     print(f"config: d_model {CONFIG.d_model}, {CONFIG.n_layers} layers, vocab {CONFIG.vocab_size} ({n_params / 1e6:.1f}M "
           f"parameters); batch {args.batch_size} x {args.seq_len} tokens; AdamW; float32; {args.threads} threads; "
           f"{args.steps} timed steps")
-    print(f"max |loss difference| over the run: {max(abs(a - b) for a, b in zip(*losses.values())):.2e}")
+    for name in losses:
+        if name != "transformers":
+            diff = max(abs(a - b) for a, b in zip(losses[name], losses["transformers"]))
+            print(f"max |loss difference| between {name} and transformers over the run: {diff:.2e}")
     print(f"| implementation | median s/step | tokens/s | speed-up |")
     print(f"|---|---|---|---|")
     base = sorted(times["transformers"])[len(times["transformers"]) // 2]
