@@ -97,9 +97,10 @@ def main() -> None:
     folder = hf_folder(lm)
     hf_lm = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=args.hf_batch_size,
                  add_bos_token=True)
-    probe = task.items[0]["prompt"]
-    if hf_lm.tok_encode(probe) != lm.tokenizer.encode(probe):
-        raise SystemExit("transformers' tokenizer of the converted folder encodes the prompt differently")
+    for x in task.items:  # a folder cached by an older gemmakit could hold another tokenizer
+        if hf_lm.tok_encode(x["prompt"]) != lm.tokenizer.encode(x["prompt"]):
+            raise SystemExit(f"transformers' tokenizer of {folder} encodes a prompt differently from gemmakit's; "
+                             "delete the folder to convert the model again")
 
     rows = []
     load = os.getloadavg()
