@@ -34,10 +34,22 @@ def test_int8_error_is_within_half_a_step_per_channel():
     w = weight()
     q = Q.QuantizedLinear.from_float(w, "int8")
     err = (q.dequantize().float() - w).abs()
-    step = q.scales.float()[:, None]  # one scale per output channel
-    assert q.weight.dtype == torch.int8
-    # + bfloat16 rounding of the product, and the clip of a max element under a scale rounded down
-    assert (err <= step * 0.5 + 5e-3 * w.abs()).all()
+    step = q.scales.float()[:, None] * q.in_scales.float()  # a scale per output channel and per input column
+    assert q.weight.dtype == torch.int8 and q.in_scales.shape == (64,)
+    # + bfloat16 rounding of the products, and the clip of a max element under a scale rounded down
+    assert (err <= step * 0.5 + 8e-3 * w.abs()).all()
+
+
+def test_int8_equalizes_columns_so_one_large_column_does_not_set_every_rows_step():
+    w = weight(256, 64)
+    w[:, 5] *= 30  # like the few large columns of Gemma's real weights
+    q = Q.QuantizedLinear.from_float(w, "int8")
+    rest = torch.arange(64) != 5
+    relative = lambda d: ((d[:, rest] - w[:, rest]).norm() / w[:, rest].norm()).item()  # noqa: E731
+    per_channel = (w / (s := w.abs().amax(1, keepdim=True) / 127)).round() * s  # the scheme without in_scales
+    # measured: ~0.06 per channel alone (a step set by the large column), ~0.01 equalized
+    assert relative(q.dequantize().float()) < 0.02 < 0.04 < relative(per_channel)
+    assert q.in_scales[5] > 3 * q.in_scales[rest].max()
 
 
 def test_int4_error_is_within_half_a_step_per_group():
@@ -149,7 +161,7 @@ def test_int8_keeps_the_real_model_close_to_float32(real_lm):
     from pathlib import Path
 
     text = (Path(__file__).parent / "data" / "gpl3_preamble.txt").read_text()
-    ids = torch.tensor([real_lm.tokenizer.encode(text)[:129]])
+    ids = torch.tensor([real_lm.tokenizer.encode(text)])  # the whole text: 128 tokens alone swing by +-0.5%
     quantized = LM(Q.quantize(copy.deepcopy(real_lm.module), "int8"), real_lm.tokenizer)
 
     def nll(lm):
@@ -157,5 +169,5 @@ def test_int8_keeps_the_real_model_close_to_float32(real_lm):
         return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item(), logits.argmax(-1)
 
     (base, base_top), (got, got_top) = nll(real_lm), nll(quantized)
-    assert math.exp(got) / math.exp(base) < 1.03  # measured +1.4% on the whole text (RESULTS.md)
+    assert math.exp(got) / math.exp(base) < 1.01  # measured +0.7% on the whole text (RESULTS.md)
     assert (got_top == base_top).float().mean() > 0.9

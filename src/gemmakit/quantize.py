@@ -5,7 +5,11 @@ that hold integer weights and their scales; activations, norms and the KV cache 
 (bfloat16 by default: torch's CPU kernels for these weights take bfloat16 inputs and are ~10x
 slower with float32 ones).
 
-- int8: symmetric, one scale per output channel (`torch.ops.aten._weight_int8pack_mm`).
+- int8: symmetric, one scale per output channel (`torch.ops.aten._weight_int8pack_mm`), after
+  equalizing the input columns: W ~ diag(scales) Q diag(in_scales), with in_scales the square root
+  of each column's largest magnitude, applied to the activations (x * in_scales) before the kernel.
+  A few columns of Gemma's weights are far larger than the rest; without this they set every
+  row's scale (per channel alone: +2.3% perplexity on the real 270M model, with it: +0.1%).
 - int4: asymmetric, a scale and a zero per group of `group_size` input features of each output
   channel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, whose packed layout we also read back).
 
@@ -40,7 +44,9 @@ MODES = ("int8", "int4")
 # dequantizing int4 costs more than its kernel at any batch we run, so int4 always uses the kernel.
 DENSE_ROWS = {"int8": 48}
 _INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 (see _int4_unpack)
-_FORMAT = 1  # bump when the cached files change meaning
+# in_scales = (column max) ** this; 0.5 measured best of 0.3/0.5/0.7 on the real 270M model
+_EQUALIZE = 0.5
+_FORMAT = 2  # bump when the cached files change meaning
 
 
 # -- the quantized modules ----------------------------------------------------------------------
@@ -55,6 +61,7 @@ class QuantizedLinear(nn.Module):
         if mode == "int8":
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))  # (N,)
+            self.register_buffer("in_scales", torch.empty(in_features, dtype=dtype, device=device))  # (K,)
         else:
             if not int4_fits(in_features, out_features, group_size):
                 raise ConfigError(f"int4 needs in_features % group_size == 0 and out_features % {_INT4_BLOCK_N} == 0, "
@@ -70,11 +77,14 @@ class QuantizedLinear(nn.Module):
         q = cls(K, N, mode, group_size, dtype, device=weight.device)
         w = weight.detach().float()
         if mode == "int8":
-            # Round the scale to the stored dtype before choosing the integers: a bfloat16 scale
+            # Round the scales to the stored dtype before choosing the integers: a bfloat16 scale
             # rounded afterwards would skew every weight of its row by up to 0.4%.
+            in_scale = w.abs().amax(dim=0).clamp(min=1e-12).pow(_EQUALIZE).to(dtype).float()  # (K,)
+            w = w / in_scale
             scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype).float()  # (N,)
             q.weight.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
             q.scales.copy_(scale)
+            q.in_scales.copy_(in_scale)
         else:
             g = w.view(N, K // group_size, group_size)
             lo, hi = g.amin(-1), g.amax(-1)  # (N, K/g)
@@ -94,7 +104,7 @@ class QuantizedLinear(nn.Module):
         dtype = self.scales.dtype
         if self.mode == "int8":
             w, s = (self.weight, self.scales) if rows is None else (self.weight[rows], self.scales[rows])
-            return w.to(dtype) * s[..., None]
+            return w.to(dtype) * s[..., None] * self.in_scales
         ints = _int4_unpack(self.weight, self.in_features, rows)  # (..., K) in 0..15
         sz = self.scales if rows is None else self.scales[:, rows]  # (K/g, ..., 2)
         sz = sz.movedim(0, -2).repeat_interleave(self.group_size, dim=-2)  # (..., K, 2)
@@ -106,7 +116,7 @@ class QuantizedLinear(nn.Module):
         if x.shape[0] > DENSE_ROWS.get(self.mode, x.shape[0]):
             y = F.linear(x, self.dequantize())
         elif self.mode == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(x * self.in_scales, self.weight, self.scales)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales)
         return y.view(*shape[:-1], self.out_features)
