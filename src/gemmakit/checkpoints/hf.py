@@ -440,6 +440,7 @@ def save(lm, folder: str | os.PathLike, progress: bool = True, max_shard_bytes: 
         _check_target(folder)  # again: something may have appeared while we wrote
         if folder.exists():
             folder.rmdir()  # empty; rename cannot replace it on every system
+        _plain_modes(tmp)
         os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -466,3 +467,12 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> dict[str, dict[st
     if len(groups) == 1:
         return {WEIGHTS: groups[0]}
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _plain_modes(folder: Path) -> None:
+    """The modes a plain mkdir and open would have given (the temp folder and files are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+    folder.chmod(0o777 & ~umask)
