@@ -73,6 +73,22 @@ def test_forward_equals_the_dequantized_matmul(mode, rows):
     torch.testing.assert_close(got[0].float(), expected, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_int8_dense_path_in_blocks_of_channels_equals_the_dequantized_matmul(monkeypatch, wide):
+    """Blocks of 48 channels (the last one partial) over 128; a wide layer (the head) goes dense from fewer rows."""
+    monkeypatch.setattr(Q, "_CHUNK", 48)
+    monkeypatch.setattr(Q, "_WIDE", 128 if wide else 10**9)
+    calls = []
+    dense = Q.QuantizedLinear._dense_int8
+    monkeypatch.setattr(Q.QuantizedLinear, "_dense_int8", lambda self, x: calls.append(len(x)) or dense(self, x))
+    q = Q.QuantizedLinear.from_float(weight(), "int8")
+    rows = Q._WIDE_DENSE_ROWS + 1 if wide else Q.DENSE_ROWS["int8"] + 1
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    torch.testing.assert_close(q(x).float(), x.float() @ q.dequantize().float().t(), atol=2e-2, rtol=2e-2)
+    q(x[:Q._WIDE_DENSE_ROWS])  # few rows: the integer kernel
+    assert calls == [rows]
+
+
 @pytest.mark.parametrize("mode", Q.MODES)
 def test_embedding_lookup_dequantizes_exactly_the_rows_asked(mode):
     table = Q.QuantizedLinear.from_float(weight(256, 64), mode)
