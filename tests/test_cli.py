@@ -89,3 +89,12 @@ def test_chat_multi_turn_over_stdin(real_gguf):
     assert len([r for r in replies if r.strip()]) >= 1
     assert "conversation cleared" in result.stderr
     assert "<end_of_turn>" not in result.stdout
+
+
+def test_quantize_flag_loads_a_quantized_model():
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int8", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["dtype"] == "bfloat16"  # the integer kernels' activation dtype
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int3")
+    assert result.returncode == 2 and "int3" in result.stderr and "Traceback" not in result.stderr

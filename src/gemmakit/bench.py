@@ -64,14 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    if args.quantize:
-        from . import quantize
-        from .default_model import default_model_path
-
-        lm = quantize.load(args.model if args.model is not None else default_model_path(), args.quantize,
-                           dtype=args.dtype if args.dtype != "float32" else "bfloat16", progress=not args.json)
-    else:
-        lm = load_model(args, progress=not args.json)
+    lm = load_model(args, progress=not args.json)
     result = {"model": str(lm.source), "dtype": str(lm.dtype).removeprefix("torch."), "quantize": args.quantize,
               "threads": torch.get_num_threads(), "load_s": time.perf_counter() - start,
               "weights_mb": _weight_bytes(lm.module) / 2**20}
@@ -103,8 +96,6 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="measure prefill, decode (batch 1 and 16), load time and memory")
     add_model_args(p)
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization (bfloat16 activations); converted once, then cached")
     p.add_argument("--threads", type=_positive, default=os.cpu_count(), help="torch threads (default: every core)")
     p.add_argument("--prefill-tokens", type=_positive, default=PREFILL_TOKENS)
     p.add_argument("--decode-tokens", type=_positive, default=DECODE_TOKENS, help="decode steps timed per batch size")

@@ -25,6 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use")
     p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantized (bfloat16 activations), converted once and cached")
 
 
 def load_model(args: argparse.Namespace, progress: bool = True):
@@ -32,6 +34,12 @@ def load_model(args: argparse.Namespace, progress: bool = True):
     from .default_model import default_model_path
 
     source = args.model if args.model is not None else default_model_path()
+    if getattr(args, "quantize", None):
+        from . import quantize
+
+        # The integer kernels take bfloat16 activations; float32 ones would be ~10x slower.
+        dtype = "bfloat16" if args.dtype == "float32" else args.dtype
+        return quantize.load(source, args.quantize, dtype=dtype, progress=progress)
     return gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
                          tokenizer=getattr(args, "tokenizer", None), progress=progress)
 
