@@ -34,8 +34,7 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str = torch.float32, de
         config = PRESETS[source]
         with torch.device(device):
             torch.manual_seed(seed)
-            module = Gemma(config)
-            module.reset_parameters()
+            module = Gemma(config)  # initialised: random matrices, norms at 0 (a scale of 1)
         module = module.to(dtype).eval()
     else:
         ckpt = checkpoints.read(source, variant=variant)

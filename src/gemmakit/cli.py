@@ -31,17 +31,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace, progress: bool = True):
     import gemmakit
-    from .default_model import default_model_path
+    from .default_model import default_model_path, default_model_source
 
-    source = args.model if args.model is not None else default_model_path()
+    default = args.model is None
+    source = default_model_source(progress) if default else args.model
     if getattr(args, "quantize", None):
         from . import quantize
 
         # The integer kernels take bfloat16 activations; float32 ones would be ~10x slower.
         dtype = "bfloat16" if args.dtype == "float32" else args.dtype
         return quantize.load(source, args.quantize, dtype=dtype, progress=progress)
-    return gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
-                         tokenizer=getattr(args, "tokenizer", None), progress=progress)
+    lm = gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
+                       tokenizer=getattr(args, "tokenizer", None), progress=progress)
+    if default:  # named for the checkpoint it was converted from (the name servers show clients)
+        lm.source = str(default_model_path())
+    return lm
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

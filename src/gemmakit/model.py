@@ -131,6 +131,11 @@ class TiedEmbedding(nn.Embedding):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
+    def reset_parameters(self) -> None:
+        # Gemma.reset_parameters initialises the table. Skipping nn.Embedding's own normal_ matters
+        # on the meta device, where that call imports torch._dynamo (2-3 s of every model load).
+        pass
+
 
 class Gemma(nn.Module):
     def __init__(self, config: GemmaConfig):
@@ -139,6 +144,8 @@ class Gemma(nn.Module):
         self.embed = TiedEmbedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        if not self.embed.weight.is_meta:
+            self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, norm_std: float = 0.0) -> None:
         """Random matrices; norm weights 0 (a scale of 1), or random with norm_std, as tests want
