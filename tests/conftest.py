@@ -78,3 +78,15 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of small forwards: threads only add synchronisation there,
+    and on a busy 2-core box two threads spin against each other (5-10x slower steps were seen)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,8 @@ WINDOW = 8  # small, so that prompts and outputs run past it and the sliding lay
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add synchronisation (and fight the other tests on a 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tokenizer(sentencepiece_model):

@@ -12,16 +12,6 @@ from gemmakit.sampling import Sampling
 from gemmakit.tokenizer import Tokenizer
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: threads only add synchronisation. The real model's decode steps are small too:
-    on a busy 2-core box two threads spin-waiting on each other took 5-8x longer than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(vocab_size: int, family: str = "gemma3", max_seq_len: int = 256) -> Gemma:
     extra = dict(sliding_window=8, global_every=3, post_norms=True, qk_norm=True, query_pre_attn_scalar=16) \
         if family == "gemma3" else {}
@@ -42,7 +32,7 @@ def lm(sentencepiece_model):
 PROMPTS = ["the quick brown fox", "hello", "def f(x):\n    return x + 1", "a lazy dog 42"]
 
 
-def test_generate_returns_the_continuation(lm, one_thread):
+def test_generate_returns_the_continuation(lm, one_torch_thread):
     text = lm.generate(PROMPTS[0], max_new_tokens=12)
     assert isinstance(text, str) and text
     ids = lm.tokenizer.encode(PROMPTS[0])
@@ -54,19 +44,19 @@ def test_generate_returns_the_continuation(lm, one_thread):
     assert lm.generate(ids, max_new_tokens=12) == text  # token ids are used as they are
 
 
-def test_a_list_of_prompts_runs_batched_and_matches_each_alone(lm, one_thread):
+def test_a_list_of_prompts_runs_batched_and_matches_each_alone(lm, one_torch_thread):
     alone = [lm.generate(p, max_new_tokens=10) for p in PROMPTS]
     assert lm.generate(PROMPTS, max_new_tokens=10) == alone
     assert lm.generate(PROMPTS, max_new_tokens=10, max_batch=2) == alone  # more prompts than slots: queued
 
 
-def test_stream_pieces_join_to_the_generated_text(lm, one_thread):
+def test_stream_pieces_join_to_the_generated_text(lm, one_torch_thread):
     for prompt in PROMPTS[:2]:
         pieces = list(lm.stream(prompt, max_new_tokens=16, temperature=0.8, seed=5))
         assert all(pieces) and "".join(pieces) == lm.generate(prompt, max_new_tokens=16, temperature=0.8, seed=5)
 
 
-def test_stop_strings_through_the_lm(lm, one_thread):
+def test_stop_strings_through_the_lm(lm, one_torch_thread):
     full = lm.generate(PROMPTS[2], max_new_tokens=20)
     stop = full[6:8]
     text = lm.generate(PROMPTS[2], max_new_tokens=20, stop=[stop])
@@ -74,7 +64,7 @@ def test_stop_strings_through_the_lm(lm, one_thread):
     assert "".join(lm.stream(PROMPTS[2], max_new_tokens=20, stop=[stop])) == text
 
 
-def test_sampling_fields_and_seeds(lm, one_thread):
+def test_sampling_fields_and_seeds(lm, one_torch_thread):
     a = lm.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, seed=1)
     assert lm.generate(PROMPTS[0], max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=1)) == a
     assert lm.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, seed=2) != a
@@ -89,7 +79,7 @@ def test_prompt_longer_than_the_context_raises(lm):
         lm.generate([2] * 300, max_new_tokens=4)
 
 
-def test_without_a_tokenizer_ids_in_ids_out(one_thread):
+def test_without_a_tokenizer_ids_in_ids_out(one_torch_thread):
     bare = LM(tiny_model(300, family="gemma"), None)
     out = bare.generate([2, 17, 40], max_new_tokens=6)
     assert isinstance(out, list) and len(out) == 6 and all(isinstance(t, int) for t in out)
@@ -99,7 +89,7 @@ def test_without_a_tokenizer_ids_in_ids_out(one_thread):
         bare.generate("text")
 
 
-def test_chat_prefills_only_the_new_turn_and_equals_generating_from_scratch(lm, one_thread):
+def test_chat_prefills_only_the_new_turn_and_equals_generating_from_scratch(lm, one_torch_thread):
     session = lm.chat(max_new_tokens=10)
     first = session.send("hello world")
     first_prompt = lm.tokenizer.chat_ids([{"role": "user", "content": "hello world"}])
@@ -132,7 +122,7 @@ def test_chat_prefills_only_the_new_turn_and_equals_generating_from_scratch(lm, 
     del dropped
 
 
-def test_chat_that_outgrows_its_context_raises(lm, sentencepiece_model, one_thread):
+def test_chat_that_outgrows_its_context_raises(lm, sentencepiece_model, one_torch_thread):
     session = lm.chat(max_new_tokens=8, max_len=48)
     session.send("hello")
     with pytest.raises(GenerationError, match="outgrown the context of 48"):
@@ -142,7 +132,7 @@ def test_chat_that_outgrows_its_context_raises(lm, sentencepiece_model, one_thre
         LM(lm.module, Tokenizer.from_file(sentencepiece_model, family="gemma2")).chat(system="be brief")
 
 
-def test_chat_on_the_real_model_equals_the_rendered_conversation(real_lm, one_thread):
+def test_chat_on_the_real_model_equals_the_rendered_conversation(real_lm, one_torch_thread):
     tok = real_lm.tokenizer
     session = real_lm.chat(max_new_tokens=8, max_len=256)
     session.send("What is the capital of France?")
@@ -159,7 +149,7 @@ def test_chat_on_the_real_model_equals_the_rendered_conversation(real_lm, one_th
 CONFIDENT = 1.0
 
 
-def test_greedy_reproduces_llamacpp(real_lm, llamacpp_reference, one_thread):
+def test_greedy_reproduces_llamacpp(real_lm, llamacpp_reference, one_torch_thread):
     results = llamacpp_reference["results"]
     engine = Engine(real_lm.module, real_lm.tokenizer, max_batch=len(results), max_len=64)
     requests = [engine.add(r["prompt_token_ids"], len(r["generated_token_ids"])) for r in results]  # no stop ids

@@ -22,13 +22,8 @@ LENGTH = 40  # five windows: the ring of the sliding layers (2 * WINDOW slots) w
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add synchronisation (and fight the other tests on a 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def make_model(config: GemmaConfig) -> Gemma:
     torch.manual_seed(0)

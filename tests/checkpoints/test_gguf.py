@@ -49,14 +49,7 @@ QUANTIZED = {"embed": Q.Q8_0, "attn.q_proj": Q.Q4_K, "attn.k_proj": Q.F16, "attn
              "attn.o_proj": Q.Q6_K, "mlp.gate_proj": Q.Q8_0, "mlp.up_proj": Q.Q4_K, "mlp.down_proj": Q.Q6_K}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Forwards over a dozen tokens gain nothing from threads, and on a busy 2-core box two threads
-    spin against each other (10x slower matmuls seen)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gguf_name(ours: str) -> str:

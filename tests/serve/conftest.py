@@ -9,15 +9,9 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
+def _one_torch_thread(one_torch_thread):
     """The server's thread, uvicorn's loop and the test's clients share a 2-core box: a second
     intra-op thread only spins against them (a decode step gets ten times slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
