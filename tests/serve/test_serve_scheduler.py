@@ -7,7 +7,7 @@ import pytest
 from gemmakit.engine import Engine
 from gemmakit.sampling import GREEDY
 from gemmakit.serve.protocol import APIError
-from gemmakit.serve.scheduler import Finished, Job, Piece, Scheduler
+from gemmakit.serve.scheduler import Job, Scheduler
 
 
 class RecordingEngine(Engine):
@@ -21,18 +21,6 @@ class RecordingEngine(Engine):
     def add(self, prompt_ids, *args, **kw):
         self.added_at.append(self.scheduler_steps())
         return super().add(prompt_ids, *args, **kw)
-
-
-async def result(job: Job) -> tuple[str, Finished]:
-    text = []
-    while True:
-        event = await asyncio.wait_for(job.events.get(), 60)
-        if isinstance(event, Piece):
-            text.append(event.text)
-        elif isinstance(event, Finished):
-            return "".join(text), event
-        else:
-            raise event.error
 
 
 def make(tiny_lm, max_batch, max_queue=8, prefill_budget=512):
@@ -54,7 +42,7 @@ def test_burst_of_prompts_joins_over_several_steps(tiny_lm):
             scheduler.submit(job)
         scheduler.start()
         try:
-            return await asyncio.gather(*map(result, jobs))
+            return await asyncio.wait_for(asyncio.gather(*(job.result() for job in jobs)), 60)
         finally:
             scheduler.stop()
 
@@ -81,7 +69,7 @@ def test_cancelled_while_waiting_never_runs_and_queue_is_bounded(tiny_lm):
                 scheduler.submit(Job(prompt, 3, GREEDY, None, loop))
             assert e.value.status == 503 and e.value.code == "queue_full"
             scheduler.cancel(waiting)
-            await result(first)
+            await asyncio.wait_for(first.result(), 60)
             for _ in range(100):  # the thread drops the cancelled job on its next pass
                 if scheduler.stats()["waiting"] == 0:
                     break
@@ -108,12 +96,12 @@ def test_an_engine_failure_fails_requests_not_the_thread(tiny_lm):
             broken = Job(prompt, 5, GREEDY, None, loop)
             scheduler.submit(broken)
             with pytest.raises(APIError) as e:
-                await result(broken)
+                await asyncio.wait_for(broken.result(), 60)
             assert e.value.status == 500 and e.value.type == "server_error"
             engine.step = real_step
             fine = Job(prompt, 5, GREEDY, None, loop)
             scheduler.submit(fine)
-            return await result(fine)
+            return await asyncio.wait_for(fine.result(), 60)
         finally:
             scheduler.stop()
 

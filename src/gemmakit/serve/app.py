@@ -22,7 +22,7 @@ from ..engine import Engine
 from ..errors import GemmaError, TokenizerError
 from ..sampling import Sampling
 from .protocol import APIError, ChatRequest, CompletionRequest, error_body, new_id, now, usage
-from .scheduler import Failed, Finished, Job, Piece, Scheduler
+from .scheduler import Finished, Job, Piece, Scheduler
 
 log = logging.getLogger("gemmakit.serve")
 
@@ -188,18 +188,7 @@ class _Server:
     async def _collect(self, job: Job, request: Request) -> tuple[str, Finished]:
         """The whole completion; if the client hangs up first, its row is freed."""
 
-        async def read():
-            text = []
-            while True:
-                event = await job.events.get()
-                if isinstance(event, Piece):
-                    text.append(event.text)
-                elif isinstance(event, Finished):
-                    return "".join(text), event
-                else:
-                    raise event.error
-
-        work, gone = asyncio.ensure_future(read()), asyncio.ensure_future(_disconnected(request))
+        work, gone = asyncio.ensure_future(job.result()), asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:

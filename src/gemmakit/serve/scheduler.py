@@ -55,6 +55,18 @@ class Job:
         except RuntimeError:  # the loop has closed (server shut down): nobody is waiting
             pass
 
+    async def result(self) -> tuple[str, Finished]:
+        """The whole text and how it ended, once finished; raises the error the scheduler sent."""
+        text = []
+        while True:
+            event = await self.events.get()
+            if isinstance(event, Piece):
+                text.append(event.text)
+            elif isinstance(event, Finished):
+                return "".join(text), event
+            else:
+                raise event.error
+
 
 class Scheduler:
     def __init__(self, engine, max_queue: int, prefill_budget: int = 512):
