@@ -101,8 +101,8 @@ def main() -> None:
         if name != "transformers":
             diff = max(abs(a - b) for a, b in zip(losses[name], losses["transformers"]))
             print(f"max |loss difference| between {name} and transformers over the run: {diff:.2e}")
-    print(f"| implementation | median s/step | tokens/s | speed-up |")
-    print(f"|---|---|---|---|")
+    print("| implementation | median s/step | tokens/s | speed-up |")
+    print("|---|---|---|---|")
     base = sorted(times["transformers"])[len(times["transformers"]) // 2]
     for name, ts in times.items():
         med = sorted(ts)[len(ts) // 2]

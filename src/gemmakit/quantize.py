@@ -34,7 +34,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError

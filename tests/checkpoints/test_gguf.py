@@ -14,12 +14,10 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 import gemmakit
-from gemmakit import checkpoints
 from gemmakit.checkpoints import gguf as gguf_reader
 from gemmakit.config import GemmaConfig, preset
 from gemmakit.errors import CheckpointError, ConfigError
 from gemmakit.model import Gemma
-from gemmakit.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
 DATA = Path(__file__).parent.parent / "data"

@@ -38,7 +38,7 @@ def test_tiny_run_learns_and_loads(tmp_path, tiny_config_file, corpus):
     assert lm.config.to_dict() == json.loads(tiny_config_file.read_text()) | {
         k: v for k, v in lm.config.to_dict().items() if k not in json.loads(tiny_config_file.read_text())}
     assert lm.tokenizer is not None and lm.tokenizer.decode(lm.tokenizer.encode("the cat", add_bos=False)) == "the cat"
-    x, y = torch.tensor([lm.tokenizer.encode("the cat sat on a mat")]), None
+    x = torch.tensor([lm.tokenizer.encode("the cat sat on a mat")])
     trained = torch.load(out / "checkpoints" / "step-000030.pt", weights_only=True)["model"]
     module = gemmakit.Gemma(lm.config)
     module.load_state_dict(trained)
