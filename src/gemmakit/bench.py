@@ -67,13 +67,9 @@ def run(args: argparse.Namespace) -> dict:
     lm = load_model(args, progress=not args.json)
     result = {"model": str(lm.source), "dtype": str(lm.dtype).removeprefix("torch."), "quantize": args.quantize,
               "threads": torch.get_num_threads(), "load_s": time.perf_counter() - start,
-              "weights_mb": _weight_bytes(lm.module) / 2**20}
+              "weights_mb": lm.nbytes() / 2**20}
     result.update(measure(lm, args.prefill_tokens, args.decode_tokens, tuple(args.batch_sizes)))
     return result
-
-
-def _weight_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

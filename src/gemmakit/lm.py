@@ -128,7 +128,8 @@ class LM:
         return sum(p.numel() for p in self.module.parameters())
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+        """Bytes of the weights; quantized weights and their scales are buffers, so those count too."""
+        return sum(t.numel() * t.element_size() for t in (*self.module.parameters(), *self.module.buffers()))
 
     def __repr__(self) -> str:
         return f"LM({self.source or self.config.family}, {self.num_parameters():,} parameters, {self.dtype})"
