@@ -96,5 +96,7 @@ def test_quantize_flag_loads_a_quantized_model():
     assert info["dtype"] == "bfloat16"  # the integer kernels' activation dtype
     # int8 weights and their scales: about a quarter of the float32 bytes, not the empty placeholders
     assert 7_802_112 < info["bytes"] < 7_802_112 * 2
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int8", "--device", "cuda")
+    assert_one_line_error(result, "--quantize")
     result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int3")
     assert result.returncode == 2 and "int3" in result.stderr and "Traceback" not in result.stderr

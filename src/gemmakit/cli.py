@@ -38,6 +38,9 @@ def load_model(args: argparse.Namespace, progress: bool = True):
     if getattr(args, "quantize", None):
         from . import quantize
 
+        if args.device != "cpu" or getattr(args, "tokenizer", None) or getattr(args, "variant", None):
+            raise GemmaError("--quantize runs on the CPU with the checkpoint's own tokenizer and variant "
+                             "(drop --device, --tokenizer and --variant)")
         # The integer kernels take bfloat16 activations; float32 ones would be ~10x slower.
         dtype = "bfloat16" if args.dtype == "float32" else args.dtype
         return quantize.load(source, args.quantize, dtype=dtype, progress=progress)
