@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use")
     p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantized (bfloat16 activations), converted once and cached")
+                   help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
 
 
 def load_model(args: argparse.Namespace, progress: bool = True):
@@ -41,8 +41,8 @@ def load_model(args: argparse.Namespace, progress: bool = True):
         if args.device != "cpu" or getattr(args, "tokenizer", None) or getattr(args, "variant", None):
             raise GemmaError("--quantize runs on the CPU with the checkpoint's own tokenizer and variant "
                              "(drop --device, --tokenizer and --variant)")
-        # The integer kernels take bfloat16 activations; float32 ones would be ~10x slower.
-        dtype = "bfloat16" if args.dtype == "float32" else args.dtype
+        # float32 (the flag's default) means the mode's own activation dtype: int4's kernel needs bfloat16.
+        dtype = None if args.dtype == "float32" else args.dtype
         return quantize.load(source, args.quantize, dtype=dtype, progress=progress)
     lm = gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
                        tokenizer=getattr(args, "tokenizer", None), progress=progress)

@@ -1,23 +1,16 @@
 """Weight-only int8 and int4 quantization, gpt-fast style, and a cache of converted models on disk.
 
 `quantize(module, "int8")` swaps every `nn.Linear` and the tied embedding/output head for modules
-that hold integer weights and their scales; activations, norms and the KV cache run in `dtype`
-(bfloat16 by default: torch's CPU kernels for these weights take bfloat16 inputs and are ~10x
-slower with float32 ones).
+that hold integer weights and their scales; norms, attention and the KV cache run in `dtype`.
 
-- int8: symmetric, one scale per output channel (`torch.ops.aten._weight_int8pack_mm`), after
-  equalizing the input columns: W ~ diag(scales) Q diag(in_scales), with in_scales the square root
-  of each column's largest magnitude, applied to the activations (x * in_scales) before the kernel.
-  A few columns of Gemma's weights are far larger than the rest; without this they set every
-  row's scale (per channel alone: +2.3% perplexity on the real 270M model, with it: +0.1%).
+- int8: symmetric, a float16 scale per group of 32 input features of each output channel (the
+  layout of llama.cpp's Q8_0, so the real model's Q8_0 embedding converts without loss). Products
+  run in gemmakit's own kernel (`kernels/`): float32 activations times the int8 weights, streamed
+  once per step whatever the number of rows, and through bfloat16 blocks for many rows (prefill).
+  Activations default to float32: the kernel takes them, and the error is then the weights' alone.
 - int4: asymmetric, a scale and a zero per group of `group_size` input features of each output
-  channel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, whose packed layout we also read back).
-
-Decoding multiplies a few rows by each weight: the integer kernels win there, as they read 2-4x
-fewer bytes than bfloat16. For more rows (int8 prefill, many streams) the int8 kernel costs about
-one weight pass per row, so the integers are converted to bfloat16 a block of output channels at
-a time (a block stays in cache) for the dense matmul (AMX/AVX512-BF16), and the scales multiply
-the output instead of the weight (`DENSE_ROWS`, `_dense_int8`).
+  channel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, whose packed layout we also read back);
+  bfloat16 activations, which that kernel needs.
 
 `load(source, mode)` converts a checkpoint once and keeps the result under the cache directory
 (safetensors + tokenizer), so later starts skip reading and dequantizing the source.
@@ -36,23 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import kernels
 from .errors import ConfigError
 from .model import Gemma, TiedEmbedding
 
 MODES = ("int8", "int4")
-# Above this many input rows, int8 uses the dense matmul (see the module doc). Measured on a Xeon
-# (AVX512-BF16, AMX), 1 thread: the kernel and the dense path cost the same at ~20 rows for the
-# layers (their weights stay in cache from row to row inside the kernel) and at ~6 rows for the
-# 262,144-channel output head (they do not: 193 ms against 89 ms at 16 rows). Dequantizing int4
-# costs more than its kernel at any batch we run, so int4 always uses the kernel.
-DENSE_ROWS = {"int8": 20}
-_WIDE = 16384  # output channels from which a layer counts as wide (the head) ...
-_WIDE_DENSE_ROWS = 6  # ... and uses the dense path above this many rows
-_CHUNK = 4096  # output channels converted to bfloat16 at a time: 4096 x 640 x 2 bytes fits in L2
+INT8_GROUP = 32  # int8's group size: the kernel's (and Q8_0's)
+_CHUNK = 4096  # output channels dequantized at a time where the kernel is unavailable
 _INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 (see _int4_unpack)
-# in_scales = (column max) ** this; 0.5 measured best of 0.3/0.5/0.7 on the real 270M model
-_EQUALIZE = 0.5
-_FORMAT = 2  # bump when the cached files change meaning
+_FORMAT = 3  # bump when the cached files change meaning
 
 
 # -- the quantized modules ----------------------------------------------------------------------
@@ -63,11 +48,15 @@ class QuantizedLinear(nn.Module):
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None):
         super().__init__()
         _check_mode(mode)
+        if mode == "int8":
+            group_size = INT8_GROUP
+            if in_features % group_size:
+                raise ConfigError(f"int8 needs in_features % {group_size} == 0, got {in_features}x{out_features}")
         self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
         if mode == "int8":
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))  # (N,)
-            self.register_buffer("in_scales", torch.empty(in_features, dtype=dtype, device=device))  # (K,)
+            self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.float16,
+                                                       device=device))  # (N, K/32)
         else:
             if not int4_fits(in_features, out_features, group_size):
                 raise ConfigError(f"int4 needs in_features % group_size == 0 and out_features % {_INT4_BLOCK_N} == 0, "
@@ -81,22 +70,18 @@ class QuantizedLinear(nn.Module):
                    dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
         N, K = weight.shape
         q = cls(K, N, mode, group_size, dtype, device=weight.device)
-        w = weight.detach().float()
+        g = weight.detach().float().view(N, K // q.group_size, q.group_size)
         if mode == "int8":
-            # Round the scales to the stored dtype before choosing the integers: a bfloat16 scale
-            # rounded afterwards would skew every weight of its row by up to 0.4%.
-            in_scale = w.abs().amax(dim=0).clamp(min=1e-12).pow(_EQUALIZE).to(dtype).float()  # (K,)
-            w = w / in_scale
-            scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(dtype).float()  # (N,)
-            q.weight.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            # Round the scales to float16 first, so the integers are chosen against the values the
+            # kernel will actually use (an all-zero group keeps a zero scale and zero integers).
+            scale = (g.abs().amax(-1) / 127).half()  # (N, K/32)
+            divisor = torch.where(scale == 0, 1.0, scale.float())
+            q.weight.copy_((g / divisor[..., None]).round().clamp(-127, 127).view(N, K).to(torch.int8))
             q.scales.copy_(scale)
-            q.in_scales.copy_(in_scale)
         else:
-            g = w.view(N, K // group_size, group_size)
             lo, hi = g.amin(-1), g.amax(-1)  # (N, K/g)
             scale = ((hi - lo) / 15).clamp(min=1e-12)
-            # Round scale and zero to the stored dtype first, so the integers are chosen against
-            # the values the kernel will actually use.
+            # Round scale and zero to the stored dtype first, as for int8.
             scale = scale.to(dtype).float()
             zero = (lo + 8 * scale).to(dtype).float()
             ints = ((g - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
@@ -105,51 +90,51 @@ class QuantizedLinear(nn.Module):
             q.scales.copy_(torch.stack([scale, zero], -1).transpose(0, 1))
         return q
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight (N, K) in the activation dtype, or only the output channels `rows` (..., K)."""
-        dtype = self.scales.dtype
+    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight (N, K), or only the output channels `rows` (..., K), in `dtype` (default: the
+        int4 activation dtype, float32 for int8)."""
         if self.mode == "int8":
             w, s = (self.weight, self.scales) if rows is None else (self.weight[rows], self.scales[rows])
-            return w.to(dtype) * s[..., None] * self.in_scales
+            groups = w.view(*w.shape[:-1], -1, self.group_size).float() * s.float()[..., None]  # (..., K/32, 32)
+            return groups.flatten(-2).to(dtype or torch.float32)
         ints = _int4_unpack(self.weight, self.in_features, rows)  # (..., K) in 0..15
         sz = self.scales if rows is None else self.scales[:, rows]  # (K/g, ..., 2)
         sz = sz.movedim(0, -2).repeat_interleave(self.group_size, dim=-2)  # (..., K, 2)
-        return (ints.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
+        return ((ints.to(self.scales.dtype) - 8) * sz[..., 0] + sz[..., 1]).to(dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, self.in_features)  # (M, K)
-        dense_rows = _WIDE_DENSE_ROWS if self.out_features >= _WIDE else DENSE_ROWS.get(self.mode, x.shape[0])
-        if self.mode == "int8" and x.shape[0] > dense_rows:
-            y = self._dense_int8(x * self.in_scales)
-        elif self.mode == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x * self.in_scales, self.weight, self.scales)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.mode == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales)
-        return y.view(*shape[:-1], self.out_features)
+            y = kernels.int8_group_matmul(x2, self.weight, self.scales)
+            if y is None:
+                y = self._dequantized_matmul(x2)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
-    def _dense_int8(self, x: torch.Tensor) -> torch.Tensor:
-        """x Q^T diag(scales) with Q converted to x's dtype a block of output channels at a time."""
+    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in plain torch, where the kernel is unavailable: W dequantized a block of output
+        channels at a time, so no float copy of a whole (large) weight is ever made."""
         y = x.new_empty(x.shape[0], self.out_features)
         for i in range(0, self.out_features, _CHUNK):
-            torch.mm(x, self.weight[i:i + _CHUNK].to(x.dtype).t(), out=y[:, i:i + _CHUNK])
-        return y.mul_(self.scales)
+            rows = torch.arange(i, min(i + _CHUNK, self.out_features), device=x.device)
+            torch.mm(x, self.dequantize(rows, x.dtype).t(), out=y[:, i:i + _CHUNK])
+        return y
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        return f"{self.in_features}, {self.out_features}, mode={self.mode}{group}, dtype={self.scales.dtype}"
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}, group_size={self.group_size}"
 
 
 class QuantizedEmbedding(nn.Module):
     """The tied embedding/output head with a quantized table: rows are dequantized when looked up."""
 
-    def __init__(self, table: QuantizedLinear):
+    def __init__(self, table: QuantizedLinear, dtype: torch.dtype):
         super().__init__()
         self.table = table  # (vocab, d_model) as a linear layer d_model -> vocab
         # The engine and LM read `embed.weight` for the activation dtype and the device; an empty
         # tensor carries both without a float copy of the table (and fails loudly if multiplied).
-        self.register_buffer("weight", torch.empty(0, dtype=table.scales.dtype, device=table.scales.device),
-                             persistent=False)
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=table.weight.device), persistent=False)
 
     @property
     def num_embeddings(self) -> int:
@@ -160,7 +145,7 @@ class QuantizedEmbedding(nn.Module):
         return self.table.in_features
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.table.dequantize(tokens)  # (..., d_model)
+        return self.table.dequantize(tokens, self.weight.dtype)  # (..., d_model)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.table(x)  # (..., vocab)
@@ -170,49 +155,55 @@ def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     return in_features % group_size == 0 and out_features % _INT4_BLOCK_N == 0 and group_size % 2 == 0
 
 
-def quantize(module: Gemma, mode: str = "int8", group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> Gemma:
+def quantize(module: Gemma, mode: str = "int8", group_size: int = 32, dtype: torch.dtype | None = None) -> Gemma:
     """Swaps the model's linear layers and tied embedding for quantized ones, in place; returns it.
 
-    Norms (and so activations and the KV cache the engine makes) move to `dtype`. A layer whose
-    shape int4 cannot pack (see `int4_fits`) is quantized to int8 instead.
+    Norms (and so activations and the KV cache the engine makes) move to `dtype` (default float32
+    for int8, bfloat16 for int4). A layer whose shape int4 cannot pack (see `int4_fits`) is
+    quantized to int8 instead.
     """
     _check_mode(mode)
     if group_size not in (32, 64, 128, 256):
         raise ConfigError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
     if mode == "int4":
         _check_int4_layout()
-
-    def convert(weight: torch.Tensor) -> QuantizedLinear:
-        N, K = weight.shape
-        m = mode if mode == "int8" or int4_fits(K, N, group_size) else "int8"
-        return QuantizedLinear.from_float(weight, m, group_size, dtype)
-
-    _swap(module, lambda w: convert(w))
-    return module.to(dtype).eval()
+    dtype = dtype or default_dtype(mode)
+    _swap(module, lambda w: QuantizedLinear.from_float(w, _layer_mode(mode, w, group_size), group_size, dtype), dtype)
+    return module.eval()
 
 
-def _swap(module: Gemma, make) -> None:
-    """Replaces every nn.Linear and the TiedEmbedding with make(weight), freeing the float weights."""
+def default_dtype(mode: str) -> torch.dtype:
+    """The activation dtype of a mode: int8's kernel takes float32, torch's int4 kernel bfloat16."""
+    return torch.float32 if mode == "int8" else torch.bfloat16
+
+
+def _layer_mode(mode: str, weight: torch.Tensor, group_size: int) -> str:
+    N, K = weight.shape
+    return mode if mode == "int8" or int4_fits(K, N, group_size) else "int8"
+
+
+def _swap(module: Gemma, make, dtype: torch.dtype) -> None:
+    """Replaces every nn.Linear and the TiedEmbedding with make(weight), freeing the float weights,
+    and moves what stays float (the norms) to `dtype`. Not `module.to(dtype)`: that would also
+    convert the int8 layers' float16 scales."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, make(child.weight))
             elif isinstance(child, TiedEmbedding):
-                setattr(parent, name, QuantizedEmbedding(make(child.weight)))
+                setattr(parent, name, QuantizedEmbedding(make(child.weight), dtype))
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
 
 
-def quantized_skeleton(config, mode: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> Gemma:
+def quantized_skeleton(config, mode: str, group_size: int = 32, dtype: torch.dtype | None = None) -> Gemma:
     """A quantized model with uninitialised (meta) tensors, for `load_state_dict(..., assign=True)`."""
+    dtype = dtype or default_dtype(mode)
     with torch.device("meta"):
         module = Gemma(config)
-
-    def empty(weight: torch.Tensor) -> QuantizedLinear:
-        N, K = weight.shape
-        m = mode if mode == "int8" or int4_fits(K, N, group_size) else "int8"
-        return QuantizedLinear(K, N, m, group_size, dtype, device="meta")
-
-    _swap(module, empty)
-    return module.to(dtype)
+    _swap(module, lambda w: QuantizedLinear(w.shape[1], w.shape[0], _layer_mode(mode, w, group_size), group_size,
+                                            dtype, device="meta"), dtype)
+    return module
 
 
 def _check_mode(mode: str) -> None:
@@ -250,7 +241,7 @@ def _check_int4_layout() -> None:
 
 
 # -- converted models on disk -------------------------------------------------------------------
-def cache_path(source: str | os.PathLike, mode: str, group_size: int = 32, dtype: torch.dtype = torch.bfloat16) -> Path:
+def cache_path(source: str | os.PathLike, mode: str, group_size: int = 32, dtype: torch.dtype | None = None) -> Path:
     """Where the converted `source` lives: keyed by the file(s) (path, size, mtime), the mode, and
     the torch version and CPU capability (the int4 layout is the kernel's)."""
     from .default_model import cache_dir
@@ -261,12 +252,12 @@ def cache_path(source: str | os.PathLike, mode: str, group_size: int = 32, dtype
     for p in files:
         st = p.stat()
         key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    key.update(f"{mode}\0{group_size}\0{dtype}\0{torch.__version__}\0"
+    key.update(f"{mode}\0{group_size}\0{dtype or default_dtype(mode)}\0{torch.__version__}\0"
                f"{torch.backends.cpu.get_cpu_capability()}\0{_FORMAT}".encode())
     return cache_dir() / "quantized" / f"{src.stem}-{mode}-{key.hexdigest()[:16]}"
 
 
-def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dtype: torch.dtype = torch.bfloat16,
+def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dtype: torch.dtype | None = None,
          progress: bool = True):
     """An LM with quantized weights, converted on first use and read from the cache after that
     (a preset name gives random weights, quantized in memory)."""
@@ -279,7 +270,7 @@ def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dt
     from .tokenizer import Tokenizer
 
     _check_mode(mode)
-    dtype = gemmakit._dtype(dtype)
+    dtype = gemmakit._dtype(dtype) if dtype is not None else default_dtype(mode)
     if isinstance(source, str) and source in gemmakit.PRESETS and not os.path.exists(source):
         lm = gemmakit.load(source)  # random weights: nothing worth caching
         quantize(lm.module, mode, group_size, dtype)
@@ -305,8 +296,8 @@ def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dt
     config = GemmaConfig.from_dict(meta["config"])
     module = quantized_skeleton(config, mode, group_size, dtype)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        # Copied into torch's own memory: `_weight_int8pack_mm` segfaults (from 4 rows up, torch
-        # 2.13) on the tensors safetensors hands out, likely for their weaker alignment.
+        # Copied into torch's own memory: torch's int8/int4 CPU kernels segfaulted (torch 2.13) on
+        # the tensors safetensors hands out, likely for their weaker alignment.
         state = {name: f.get_tensor(name).clone() for name in f.keys()}
     module.load_state_dict(state, strict=True, assign=True)
     module.embed.weight = torch.empty(0, dtype=dtype)  # the meta placeholder, made real

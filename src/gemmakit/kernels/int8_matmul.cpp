@@ -1,0 +1,164 @@
+// y = x W^T for weights stored as int8 with one float16 scale per group of 32 input features
+// (llama.cpp's Q8_0 layout), for the few-row products of decoding.
+//
+// Decoding multiplies one or a few activation rows by every weight, so the time is the time to
+// stream the weights from memory: one byte per weight here against two for bfloat16 and four for
+// float32. Activations stay float32 (no activation quantization, so the only error is the
+// weights'). Each weight row is read once for all activation rows (they stay in L1).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weights being read
+
+#ifdef __AVX512F__
+// NB weight rows times MT activation rows, over all groups: NB * MT independent accumulators keep
+// the FMA units busy while the weights stream in (one accumulator would wait on its own latency).
+template <int NB, int MT>
+inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
+                  int64_t N, int64_t K, int64_t n, int64_t m0) {
+  const int64_t G = K / kGroup;
+  __m512 acc[NB][MT];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 x0[MT], x1[MT];
+    for (int i = 0; i < MT; ++i) {
+      x0[i] = _mm512_loadu_ps(x + (m0 + i) * K + g * kGroup);
+      x1[i] = _mm512_loadu_ps(x + (m0 + i) * K + g * kGroup + 16);
+    }
+    for (int r = 0; r < NB; ++r) {
+      const int8_t* wg = w + (n + r) * K + g * kGroup;
+      _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg))));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16))));
+      const __m512 scale = _mm512_set1_ps(_cvtsh_ss(s[(n + r) * G + g].x));
+      for (int i = 0; i < MT; ++i) {
+        // The group's dot product, then its scale: one rounding more than float32 matmul, no more.
+        const __m512 t = _mm512_fmadd_ps(w1, x1[i], _mm512_mul_ps(w0, x0[i]));
+        acc[r][i] = _mm512_fmadd_ps(t, scale, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+template <int NB>
+inline void block_rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
+                       int64_t M, int64_t N, int64_t K, int64_t n) {
+  // The NB weight rows (NB * K bytes) stay in L1 while every activation row passes over them.
+  int64_t m0 = 0;
+  for (; m0 + 2 <= M; m0 += 2) block<NB, 2>(x, w, s, y, N, K, n, m0);
+  if (m0 < M) block<NB, 1>(x, w, s, y, N, K, n, m0);
+}
+#endif
+
+// Rows n0..n1 of y (M, N) = x (M, K) * w (N, K)^T, scales s (N, K / 32).
+void rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
+          int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+#ifdef __AVX512F__
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block_rows<4>(x, w, s, y, M, N, K, n);
+  for (; n < n1; ++n) block_rows<1>(x, w, s, y, M, N, K, n);
+#else
+  // Portable path: the compiler vectorizes the inner loop (-fopenmp-simd).
+  const int64_t G = K / kGroup;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int8_t* wg = w + n * K + g * kGroup;
+        const float* xg = x + m * K + g * kGroup;
+        float t = 0.f;
+#pragma omp simd reduction(+ : t)
+        for (int64_t k = 0; k < kGroup; ++k) t += xg[k] * static_cast<float>(wg[k]);
+        acc += static_cast<float>(s[n * G + g]) * t;
+      }
+      y[m * N + n] = acc;
+    }
+  }
+#endif
+}
+
+// Rows of w, times their scales, as bfloat16 (rows, K) in out.
+void dequantize_rows(const int8_t* w, const c10::Half* s, c10::BFloat16* out, int64_t rows, int64_t K) {
+  const int64_t G = K / kGroup;
+  for (int64_t n = 0; n < rows; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int8_t* wg = w + n * K + g * kGroup;
+      c10::BFloat16* og = out + n * K + g * kGroup;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+      const __m512 scale = _mm512_set1_ps(_cvtsh_ss(s[n * G + g].x));
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16 * h)))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + 16 * h), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+#else
+      const float scale = static_cast<float>(s[n * G + g]);
+      for (int64_t k = 0; k < kGroup; ++k) og[k] = c10::BFloat16(scale * static_cast<float>(wg[k]));
+#endif
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor int8_group_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
+  TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % kGroup == 0, "w must be (N, K) with K a multiple of 32");
+  TORCH_CHECK(s.numel() == N * (K / kGroup), "s must hold N * K / 32 scales");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const c10::Half* sp = s.data_ptr<c10::Half>();
+  float* yp = y.data_ptr<float>();
+  // A task of at least ~64 KiB of weights, in blocks of 4 rows: smaller ones cost more in scheduling than they save.
+  const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, wp, sp, yp, M, N, K, n0, n1); });
+  return y;
+}
+
+// The same product for many activation rows (prefill, many streams), where the FMA loop above runs
+// out of arithmetic: each thread turns an L2-sized block of weight rows into bfloat16 and hands it
+// to torch's dense matmul (oneDNN: AMX or AVX512-BF16), with the activations in bfloat16.
+torch::Tensor int8_group_matmul_dense(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
+  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: floating point (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
+  TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % kGroup == 0, "w must be (N, K) with K a multiple of 32");
+  TORCH_CHECK(s.numel() == N * (K / kGroup), "s must hold N * K / 32 scales");
+  const auto xb = x.to(torch::kBFloat16).contiguous();
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const c10::Half* sp = s.data_ptr<c10::Half>();
+  const int64_t G = K / kGroup;
+  const int64_t chunk = std::max<int64_t>(32, (int64_t{1} << 19) / (2 * K) / 32 * 32);  // ~512 KiB of bfloat16
+  at::parallel_for(0, N, chunk, [&](int64_t n0, int64_t n1) {
+    auto buf = torch::empty({chunk, K}, xb.options());
+    for (int64_t c = n0; c < n1; c += chunk) {
+      const int64_t rows = std::min(chunk, n1 - c);
+      dequantize_rows(wp + c * K, sp + c * G, buf.data_ptr<c10::BFloat16>(), rows, K);
+      y.narrow(1, c, rows).copy_(at::mm(xb, buf.narrow(0, 0, rows).t()));
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_group_matmul", &int8_group_matmul, "y = x W^T, W int8 with a float16 scale per group of 32");
+  m.def("int8_group_matmul_dense", &int8_group_matmul_dense, "the same, for many rows, through bfloat16 blocks");
+}
