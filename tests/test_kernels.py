@@ -59,3 +59,18 @@ def test_int8_group_matmul_rejects_shapes_it_cannot_read():
         kernels.int8_group_matmul(torch.randn(1, 48), w[:, :48].contiguous(), s)
     with pytest.raises(RuntimeError, match="scales"):
         kernels.int8_group_matmul(torch.randn(1, 64), w, s[:4].contiguous())
+
+
+@pytest.mark.parametrize("rows", [1, kernels.FMA_ROWS + 1])
+def test_int8_group_matmul_runs_under_inference_mode_on_every_thread(rows):
+    """Worker threads do not inherit inference mode: the outputs must not be written by torch ops there."""
+    w, s = int8_weight(4099, 640)
+    x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            y = kernels.int8_group_matmul(x, w, s)
+    finally:
+        torch.set_num_threads(before)
+    assert ((y.double() - reference(x, w, s)).abs().max() / reference(x, w, s).abs().max()) < 1e-2

@@ -37,7 +37,10 @@ def _extension():
     if not built.exists():
         print("gemmakit: compiling the int8 kernel for this CPU (once, about 30 s)", file=sys.stderr, flush=True)
     try:
-        return load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
+        # libgomp torch already loaded is the one used, so both share torch's thread pool).
+        return load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(f"gemmakit: int8 kernel unavailable ({first}); using slower torch ops", stacklevel=3)
@@ -47,9 +50,24 @@ def _extension():
 def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) times int8 w (N, K) with float16 group scales s (N, K/32): (M, N) float32, or None
     where the kernel is unavailable (or the tensors are not on the CPU)."""
+    if torch.compiler.is_compiling():  # an opaque op in a compiled graph (a pybind call would break it)
+        return _int8_group_matmul_op(x, w, s)
     ext = _extension() if x.device.type == "cpu" else None
     if ext is None:
         return None
     if x.shape[0] <= FMA_ROWS:
         return ext.int8_group_matmul(x.float().contiguous(), w, s)
     return ext.int8_group_matmul_dense(x, w, s)
+
+
+@torch.library.custom_op("gemmakit::int8_group_matmul", mutates_args=())
+def _int8_group_matmul_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    ext = _extension()
+    if x.shape[0] <= FMA_ROWS:
+        return ext.int8_group_matmul(x.float().contiguous(), w, s)
+    return ext.int8_group_matmul_dense(x, w, s)
+
+
+@_int8_group_matmul_op.register_fake
+def _(x, w, s):
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -147,12 +149,16 @@ torch::Tensor int8_group_matmul_dense(torch::Tensor x, torch::Tensor w, torch::T
   const c10::Half* sp = s.data_ptr<c10::Half>();
   const int64_t G = K / kGroup;
   const int64_t chunk = std::max<int64_t>(32, (int64_t{1} << 19) / (2 * K) / 32 * 32);  // ~512 KiB of bfloat16
+  float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, chunk, [&](int64_t n0, int64_t n1) {
+    // Worker threads do not inherit the caller's inference mode, so y (maybe an inference
+    // tensor) is written through its pointer, not by a torch op.
     auto buf = torch::empty({chunk, K}, xb.options());
     for (int64_t c = n0; c < n1; c += chunk) {
       const int64_t rows = std::min(chunk, n1 - c);
       dequantize_rows(wp + c * K, sp + c * G, buf.data_ptr<c10::BFloat16>(), rows, K);
-      y.narrow(1, c, rows).copy_(at::mm(xb, buf.narrow(0, 0, rows).t()));
+      const auto yc = at::mm(xb, buf.narrow(0, 0, rows).t()).to(torch::kFloat).contiguous();  // (M, rows)
+      for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * N + c, yc.data_ptr<float>() + m * rows, rows * sizeof(float));
     }
   });
   return y;
