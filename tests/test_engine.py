@@ -210,3 +210,23 @@ def test_text_stream_keeps_the_first_pieces_space(tokenizer):
     stream = TextStream(tokenizer, prompt[-4:])
     pieces = [stream.push(i) for i in tokenizer.encode(" brown fox", add_bos=False)] + [stream.close()]
     assert "".join(pieces) == " brown fox"
+
+
+def test_compiled_decode_steps_pick_the_eager_tokens(model, tokenizer):
+    """torch.compile'd decode (batch 2, then batch 1 once the shorter request ends: both graphs),
+    on an int8 model so that gemmakit's own kernel runs inside the compiled graph."""
+    import copy
+
+    from gemmakit.quantize import quantize
+
+    quantized = quantize(copy.deepcopy(model), "int8")
+
+    def run(compile):
+        engine = Engine(quantized, tokenizer, max_batch=2, max_len=128, compile=compile)
+        requests = [engine.add(tokenizer.encode(p), n) for p, n in zip(PROMPTS[1:], (6, 20))]
+        while engine.requests:
+            engine.step()
+        return [r.output_ids for r in requests]
+
+    eager = run(False)
+    assert run(True) == eager and [len(ids) for ids in eager] == [6, 20]

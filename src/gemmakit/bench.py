@@ -45,7 +45,7 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     engine.step()
 
     for n in batch_sizes:
-        engine = Engine(lm.module, None, max_batch=n, max_len=32 + decode_tokens + 4)
+        engine = Engine(lm.module, None, max_batch=n, max_len=32 + decode_tokens + 4, compile=lm.compile)
         for row in range(n):
             engine.add(prompt[row:row + 32], max_new_tokens=decode_tokens + 4)
         for _ in range(3):  # warm-up steps

@@ -25,7 +25,7 @@ class ChatSession:
         self.system = system
         self.sampling = sampling or Sampling()
         self.max_new_tokens = max_new_tokens
-        self.engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=max_len)
+        self.engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=max_len, compile=lm.compile)
         if system is not None:  # a family without a system role fails now, not at the first message
             self.tokenizer.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": ""}])
         self._end_turn = [self.tokenizer.token_id("<end_of_turn>"), *self.tokenizer.encode("\n", add_bos=False)]

@@ -27,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster tokens after about a minute of compiling on first use")
 
 
 def load_model(args: argparse.Namespace, progress: bool = True):
@@ -43,9 +45,11 @@ def load_model(args: argparse.Namespace, progress: bool = True):
                              "(drop --device, --tokenizer and --variant)")
         # float32 (the flag's default) means the mode's own activation dtype: int4's kernel needs bfloat16.
         dtype = None if args.dtype == "float32" else args.dtype
-        return quantize.load(source, args.quantize, dtype=dtype, progress=progress)
-    lm = gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
-                       tokenizer=getattr(args, "tokenizer", None), progress=progress)
+        lm = quantize.load(source, args.quantize, dtype=dtype, progress=progress)
+    else:
+        lm = gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
+                           tokenizer=getattr(args, "tokenizer", None), progress=progress)
+    lm.compile = getattr(args, "compile", False)
     if default:  # named for the checkpoint it was converted from (the name servers show clients)
         lm.source = str(default_model_path())
     return lm

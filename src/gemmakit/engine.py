@@ -20,6 +20,7 @@ An engine is not thread-safe: drive add/step/cancel from one thread (a server's 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -79,7 +80,7 @@ class Delta(NamedTuple):
 
 class Engine:
     def __init__(self, module: Gemma, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None):
+                 max_len: int | None = None, compile: bool = False):
         config = module.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -87,6 +88,9 @@ class Engine:
         if not isinstance(max_len, int) or not 1 <= max_len <= config.max_seq_len:
             raise GenerationError(f"max_len must be in [1, {config.max_seq_len}] (the model's context), got {max_len!r}")
         self.module = module.eval()
+        # Decode steps run the same few hundred small ops every token: compiled, their Python and
+        # dispatch cost mostly goes (prefill, a few large ops per chunk, stays eager).
+        self._decode = compiled(self.module) if compile else self.module
         self.tokenizer = tokenizer
         weight = module.embed.weight
         self.device = weight.device
@@ -174,7 +178,7 @@ class Engine:
             return []
         tokens = torch.tensor([[r._next] for r in active], device=self.device)  # (n, 1)
         positions = torch.tensor([[r._length] for r in active], device=self.device)  # (n, 1)
-        logits = self.module(tokens, positions, self.cache.rows_view(0, len(active)), last_only=True)[:, -1]  # (n, V)
+        logits = self._decode(tokens, positions, self.cache.rows_view(0, len(active)), last_only=True)[:, -1]  # (n, V)
         logits = logits[:, :self._vocab]  # a padded embedding's extra rows are not tokens
         penalized = [r.prompt_ids + r.output_ids if r.sampling.repetition_penalty else None for r in active]
         chosen = next_tokens(logits, [r.sampling for r in active], [r._generator for r in active], penalized).tolist()
@@ -258,6 +262,21 @@ class Engine:
             self.cache.swap(i, j)
             self._rows[i], self._rows[j] = self._rows[j], self._rows[i]
             self._held[i], self._held[j] = self._held[j], self._held[i]
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Gemma, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compiled(module: Gemma) -> torch.nn.Module:
+    """`torch.compile(module)`, one per module, so that every engine on it shares the compiled code.
+
+    Dynamic shapes: the batch and the cache's span change from step to step. The first steps of a
+    process compile (about a minute on 2 cores; batch 1 and larger batches are two graphs), later
+    processes read inductor's on-disk cache.
+    """
+    if module not in _COMPILED:
+        _COMPILED[module] = torch.compile(module, dynamic=True)
+    return _COMPILED[module]
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

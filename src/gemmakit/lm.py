@@ -16,10 +16,11 @@ Prompt = str | Sequence[int]
 
 
 class LM:
-    def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = ""):
+    def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = "", compile: bool = False):
         self.module = module
         self.tokenizer = tokenizer
         self.source = source
+        self.compile = compile  # engines made for this LM compile their decode step (engine.compiled)
 
     @property
     def config(self) -> GemmaConfig:
@@ -97,7 +98,8 @@ class LM:
         from .engine import Engine
 
         # Size the cache for the job: the decode step attends over every slot of it.
-        return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=min(needed, self.config.max_seq_len))
+        return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=min(needed, self.config.max_seq_len),
+                      compile=self.compile)
 
     def _stop_ids(self, stop_ids: Sequence[int] | None) -> Sequence[int]:
         if stop_ids is not None:

@@ -37,7 +37,7 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     if lm.tokenizer is None:
         raise TokenizerError("the model has no tokenizer; pass one with --tokenizer")
     max_len = min(max_len or lm.config.max_seq_len, lm.config.max_seq_len)
-    engine = Engine(lm.module, lm.tokenizer, max_batch=max_batch, max_len=max_len)
+    engine = Engine(lm.module, lm.tokenizer, max_batch=max_batch, max_len=max_len, compile=lm.compile)
     scheduler = Scheduler(engine, max_queue=max_queue)
     name = model_name or default_model_name(lm.source)
     server = _Server(lm, scheduler, name, max_len)
