@@ -24,6 +24,7 @@ GEMMAKIT = {  # name -> `gemmakit bench` arguments
     "gemmakit-float32": [],
     "gemmakit-bfloat16": ["--dtype", "bfloat16"],
     "gemmakit-int8": ["--quantize", "int8"],
+    "gemmakit-int8-compiled": ["--quantize", "int8", "--compile"],
     "gemmakit-int4": ["--quantize", "int4"],
 }
 PEERS = ["llama.cpp", "transformers-float32", "transformers-bfloat16"]

@@ -22,8 +22,9 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weights being read
 
 #ifdef __AVX512F__
-// NB weight rows times MT activation rows, over all groups: NB * MT independent accumulators keep
-// the FMA units busy while the weights stream in (one accumulator would wait on its own latency).
+// NB weight rows times MT activation rows, over all groups. Each group's 32 weights are converted
+// and scaled once, then meet every activation row (read from L1); NB * MT independent
+// accumulators keep the FMA units busy while the weights stream in.
 template <int NB, int MT>
 inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
                   int64_t N, int64_t K, int64_t n, int64_t m0) {
@@ -32,22 +33,18 @@ inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
   for (int r = 0; r < NB; ++r)
     for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 x0[MT], x1[MT];
-    for (int i = 0; i < MT; ++i) {
-      x0[i] = _mm512_loadu_ps(x + (m0 + i) * K + g * kGroup);
-      x1[i] = _mm512_loadu_ps(x + (m0 + i) * K + g * kGroup + 16);
-    }
+    __m512 w0[NB], w1[NB];
     for (int r = 0; r < NB; ++r) {
       const int8_t* wg = w + (n + r) * K + g * kGroup;
       _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg))));
-      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16))));
       const __m512 scale = _mm512_set1_ps(_cvtsh_ss(s[(n + r) * G + g].x));
-      for (int i = 0; i < MT; ++i) {
-        // The group's dot product, then its scale: one rounding more than float32 matmul, no more.
-        const __m512 t = _mm512_fmadd_ps(w1, x1[i], _mm512_mul_ps(w0, x0[i]));
-        acc[r][i] = _mm512_fmadd_ps(t, scale, acc[r][i]);
-      }
+      w0[r] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)))));
+      w1[r] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16)))));
+    }
+    for (int i = 0; i < MT; ++i) {
+      const float* xg = x + (m0 + i) * K + g * kGroup;
+      const __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
+      for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][i]));
     }
   }
   for (int r = 0; r < NB; ++r)
@@ -57,8 +54,12 @@ inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
 template <int NB>
 inline void block_rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
                        int64_t M, int64_t N, int64_t K, int64_t n) {
-  // The NB weight rows (NB * K bytes) stay in L1 while every activation row passes over them.
+  // The NB weight rows (NB * K bytes) stay in L1 while the activation rows pass over them in
+  // tiles of 8, 4, 2, 1 (NB * 8 accumulators fit the 32 registers only for NB <= 2).
   int64_t m0 = 0;
+  if constexpr (NB <= 2)
+    for (; m0 + 8 <= M; m0 += 8) block<NB, 8>(x, w, s, y, N, K, n, m0);
+  for (; m0 + 4 <= M; m0 += 4) block<NB, 4>(x, w, s, y, N, K, n, m0);
   for (; m0 + 2 <= M; m0 += 2) block<NB, 2>(x, w, s, y, N, K, n, m0);
   if (m0 < M) block<NB, 1>(x, w, s, y, N, K, n, m0);
 }
@@ -69,7 +70,10 @@ void rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
           int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
 #ifdef __AVX512F__
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block_rows<4>(x, w, s, y, M, N, K, n);
+  if (M >= 8)
+    for (; n + 2 <= n1; n += 2) block_rows<2>(x, w, s, y, M, N, K, n);
+  else
+    for (; n + 4 <= n1; n += 4) block_rows<4>(x, w, s, y, M, N, K, n);
   for (; n < n1; ++n) block_rows<1>(x, w, s, y, M, N, K, n);
 #else
   // Portable path: the compiler vectorizes the inner loop (-fopenmp-simd).
