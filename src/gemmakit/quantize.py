@@ -172,6 +172,12 @@ def quantize(module: Gemma, mode: str = "int8", group_size: int = 32, dtype: tor
     return module.eval()
 
 
+def mode_of(module: nn.Module) -> str | None:
+    """"int8" or "int4" for a quantized model (int4 where any layer is), None for a float one."""
+    modes = {m.mode for m in module.modules() if isinstance(m, QuantizedLinear)}
+    return "int4" if "int4" in modes else next(iter(modes), None)
+
+
 def default_dtype(mode: str) -> torch.dtype:
     """The activation dtype of a mode: int8's kernel takes float32, torch's int4 kernel bfloat16."""
     return torch.float32 if mode == "int8" else torch.bfloat16

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import random
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from gemmakit.errors import DataError
+from gemmakit.lm import LM
+from gemmakit.quantize import quantize
 from gemmakit.eval import evaluate, make_task
 from gemmakit.eval.loglik import Scorer, encode_pair
 from gemmakit.eval.mc import fewshot_prompts, mmlu, mmlu_rows
@@ -125,6 +128,12 @@ def test_results_resume_after_interruption(tiny_lm, tmp_path):
     (tmp_path / "other.json.partial.jsonl").write_text(json.dumps({"settings": {"task": "x"}}) + "\n")
     with pytest.raises(DataError, match="other settings"):
         evaluate(tiny_lm, task, output=tmp_path / "other.json", progress=False)
+    # the same checkpoint quantized is another model: its run does not resume the float32 one
+    assert saved["settings"]["dtype"] == "float32" and saved["settings"]["quantize"] is None
+    (tmp_path / "float.json.partial.jsonl").write_text(json.dumps({"settings": saved["settings"]}) + "\n")
+    quantized = LM(quantize(copy.deepcopy(tiny_lm.module), "int8"), tiny_lm.tokenizer, source=tiny_lm.source)
+    with pytest.raises(DataError, match="other settings \\(quantize\\)"):
+        evaluate(quantized, make_task(quantized, "mc", data=[data]), output=tmp_path / "float.json", progress=False)
 
 
 @pytest.mark.parametrize("line, message", [

@@ -35,7 +35,8 @@ def evaluate(lm, task, output: str | os.PathLike | None = None, progress: bool =
 
     Results: task, score, stderr, metrics (each with its stderr), settings, timings, records.
     """
-    settings = {"task": task.name, "model": getattr(lm, "source", ""), **task.settings, "n_items": len(task.items)}
+    settings = {"task": task.name, "model": getattr(lm, "source", ""), **_weights(lm), **task.settings,
+                "n_items": len(task.items)}
     records: dict[int, dict] = {}
     partial = Path(str(output) + ".partial.jsonl") if output is not None else None
     if partial is not None and partial.is_file():
@@ -87,6 +88,15 @@ def evaluate(lm, task, output: str | os.PathLike | None = None, progress: bool =
         os.replace(tmp, output)
         partial.unlink()
     return results
+
+
+def _weights(lm) -> dict:
+    """How the weights are held: a float32 run must not resume an int8 one of the same checkpoint."""
+    if not hasattr(lm, "module"):
+        return {}
+    from ..quantize import mode_of
+
+    return {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": mode_of(lm.module)}
 
 
 def _resume(partial: Path, settings: dict) -> dict[int, dict]:
