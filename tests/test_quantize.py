@@ -108,6 +108,7 @@ def test_quantized_model_logits_stay_close_to_float(mode, tolerance, config):
         quantized = Q.quantize(copy.deepcopy(model), mode)
         got = quantized(tokens).float()
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    assert LM(quantized, None).num_parameters() == LM(model, None).num_parameters()
     assert isinstance(quantized.embed, Q.QuantizedEmbedding)
     assert (got - reference).norm() / reference.norm() < tolerance
 

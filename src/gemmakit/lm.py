@@ -127,7 +127,11 @@ class LM:
         return out, single
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        """The model's weights, counted as the float model's would be (quantized ones are buffers)."""
+        from .quantize import QuantizedLinear
+
+        quantized = sum(m.in_features * m.out_features for m in self.module.modules() if isinstance(m, QuantizedLinear))
+        return quantized + sum(p.numel() for p in self.module.parameters())
 
     def nbytes(self) -> int:
         """Bytes of the weights; quantized weights and their scales are buffers, so those count too."""
