@@ -17,12 +17,14 @@ from .config import GemmaConfig
 
 class KVCache:
     def __init__(self, config: GemmaConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", ring: bool = True):
+        """ring=False: sliding layers keep every position too (the mask applies the window), so
+        that any prefix can be resumed, at the memory of a full cache."""
         self.max_len = max_len
         self.window = window = config.sliding_window
         # A chunk of T new tokens overwrites ring slots before its earliest query has read them
         # unless ring >= window + T - 1; a ring of 2 * window admits chunks of window + 1 tokens.
-        self.ring = min(max_len, 2 * window) if window else max_len
+        self.ring = min(max_len, 2 * window) if window and ring else max_len
         self.max_chunk = max_len if self.ring == max_len else self.ring - window + 1
         self.sliding = [config.is_sliding(i) for i in range(config.n_layers)]
         shape = lambda s: (batch_size, config.n_kv_heads, self.length(s), config.head_dim)  # noqa: E731

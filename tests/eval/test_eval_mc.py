@@ -28,13 +28,22 @@ def test_scorer_matches_full_forward_with_shared_and_reused_prefix(tiny_lm):
     rng = random.Random(0)
     scorer = Scorer(tiny_lm, block=32)
     prefix = [tiny_lm.tokenizer.bos_id] + [rng.randrange(4, 500) for _ in range(40)]  # longer than the window
-    for _ in range(5):
-        ctx = prefix + [rng.randrange(4, 500) for _ in range(rng.randrange(1, 25))]
-        conts = [[rng.randrange(4, 500) for _ in range(rng.randrange(1, 7))] for _ in range(4)]
-        for (lp, greedy), cont in zip(scorer.loglikelihoods(ctx, conts), conts):
-            ref_lp, ref_greedy = direct(tiny_lm, ctx, cont)
-            assert lp == pytest.approx(ref_lp, abs=1e-4)
-            assert greedy == ref_greedy
+    prefilled = []  # tokens each context prefill ran
+    hook = tiny_lm.module.register_forward_pre_hook(
+        lambda m, args, kwargs: prefilled.append(args[0].shape[1]) if kwargs.get("last_only") else None, with_kwargs=True)
+    try:
+        for i in range(5):
+            ctx = prefix + [rng.randrange(4, 500) for _ in range(rng.randrange(1, 25))]
+            conts = [[rng.randrange(4, 500) for _ in range(rng.randrange(1, 7))] for _ in range(4)]
+            for (lp, greedy), cont in zip(scorer.loglikelihoods(ctx, conts), conts):
+                ref_lp, ref_greedy = direct(tiny_lm, ctx, cont)
+                assert lp == pytest.approx(ref_lp, abs=1e-4)
+                assert greedy == ref_greedy
+            # the 41-token prefix, 2.5 windows long, ran once: later items prefill only their own tokens
+            assert sum(prefilled) == (len(ctx) if i == 0 else len(ctx) - len(prefix)), i
+            prefilled.clear()
+    finally:
+        hook.remove()
     # the greedy flag is true for a continuation made of argmaxes
     ctx = prefix[:10]
     best = int(tiny_lm.logits(ctx)[0, -1].argmax())

@@ -84,8 +84,10 @@ class Scorer:
         cfg = self.lm.config
         need = -(-length // self.block) * self.block
         if self.cache is None or self.cache.batch_size != rows or self.cache.max_len < length:
+            # No ring for sliding layers: an MMLU subject's few-shot prefix is often longer than
+            # the window, and a ring would have overwritten it by the next item.
             self.cache = KVCache(cfg, rows, min(need, max(length, cfg.max_seq_len)),
-                                 dtype=self.lm.dtype, device=self.lm.device)
+                                 dtype=self.lm.dtype, device=self.lm.device, ring=False)
             self.cached, self.written = [], 0
         cache = self.cache
         keep = _common_prefix(self.cached, context[:-1])  # the last token is always run, for its logits
