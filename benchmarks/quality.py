@@ -1,0 +1,82 @@
+"""What each weight mode costs in quality, on the real Gemma 3 270M (the default model).
+
+    python benchmarks/quality.py [--modes float32,bfloat16,int8,int4] [--threads 1]
+
+Per mode: perplexity on tests/data/gpl3_preamble.txt (one window from BOS), top-1 agreement with
+float32 on that text (teacher-forced), and greedy decoding on the five llama.cpp reference prompts
+(tests/data/llamacpp_gemma3_270m.json, 32 tokens each): how many tokens agree with float32's
+greedy output before the first difference, and with llama.cpp's. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+
+def load(mode: str):
+    import gemmakit
+    from gemmakit import quantize
+    from gemmakit.default_model import default_model_source
+
+    source = default_model_source(progress=False)
+    if mode in ("float32", "bfloat16"):
+        return gemmakit.load(source, dtype=mode, progress=False)
+    return quantize.load(source, mode, progress=False)
+
+
+def greedy_ids(lm, prompts: list[list[int]], n: int = 32) -> list[list[int]]:
+    """n greedy tokens after each prompt, EOS not special-cased (as the llama.cpp reference)."""
+    from gemmakit.engine import Engine
+
+    engine = Engine(lm.module, None, max_batch=len(prompts), max_len=max(map(len, prompts)) + n)
+    requests = [engine.add(p, n) for p in prompts]
+    while engine.requests:
+        engine.step()
+    return [r.output_ids for r in requests]
+
+
+def prefix_agreement(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="float32,bfloat16,int8,int4")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    reference = json.loads((DATA / "llamacpp_gemma3_270m.json").read_text())["results"]
+    text = (DATA / "gpl3_preamble.txt").read_text()
+
+    rows, base = [], None
+    for mode in args.modes.split(","):
+        lm = load(mode)
+        ids = torch.tensor([lm.tokenizer.encode(text)])
+        logits = lm.logits(ids[:, :-1])[0]
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+        top1 = logits.argmax(-1)
+        greedy = greedy_ids(lm, [r["prompt_token_ids"] for r in reference])
+        if base is None:
+            base = {"nll": nll, "top1": top1, "greedy": greedy}
+        rows.append((mode, math.exp(nll), math.exp(nll - base["nll"]) - 1, (top1 == base["top1"]).float().mean().item(),
+                     sum(prefix_agreement(g, b) for g, b in zip(greedy, base["greedy"])),
+                     sum(prefix_agreement(g, r["generated_token_ids"]) for g, r in zip(greedy, reference))))
+        del lm
+    n = 32 * len(reference)
+    print(f"| mode | perplexity | vs {args.modes.split(',')[0]} | top-1 agreement (teacher-forced) | "
+          f"greedy tokens equal to {args.modes.split(',')[0]}'s before the first difference (of {n}) | "
+          f"same with llama.cpp's (of {n}) |")
+    print("|---|---|---|---|---|---|")
+    for mode, ppl, rel, agree, same, same_llama in rows:
+        print(f"| {mode} | {ppl:.3f} | {rel:+.2%} | {agree:.3f} | {same} | {same_llama} |")
+
+
+if __name__ == "__main__":
+    main()
