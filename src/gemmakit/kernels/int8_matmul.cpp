@@ -22,29 +22,49 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weights being read
 
 #ifdef __AVX512F__
-// NB weight rows times MT activation rows, over all groups. Each group's 32 weights are converted
-// and scaled once, then meet every activation row (read from L1); NB * MT independent
-// accumulators keep the FMA units busy while the weights stream in.
+// NB weight rows times MT activation rows, over all groups; NB * MT independent accumulators keep
+// the FMA units busy while the weights stream in. The work is bound by the two vector ports, so
+// every uop counts: the float16 scales of 16 groups are converted in one instruction and read
+// back as memory broadcasts (load ports, not vector ports); with few rows a group's scale
+// multiplies its dot product (3 ops a row), with more it multiplies the weights once (2 ops a row).
 template <int NB, int MT>
 inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
                   int64_t N, int64_t K, int64_t n, int64_t m0) {
+  constexpr bool kScaleSums = MT <= 2;
   const int64_t G = K / kGroup;
   __m512 acc[NB][MT];
   for (int r = 0; r < NB; ++r)
     for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 w0[NB], w1[NB];
-    for (int r = 0; r < NB; ++r) {
-      const int8_t* wg = w + (n + r) * K + g * kGroup;
-      _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
-      const __m512 scale = _mm512_set1_ps(_cvtsh_ss(s[(n + r) * G + g].x));
-      w0[r] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)))));
-      w1[r] = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16)))));
-    }
-    for (int i = 0; i < MT; ++i) {
-      const float* xg = x + (m0 + i) * K + g * kGroup;
-      const __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
-      for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][i]));
+  alignas(64) float scales[NB][16];
+  for (int64_t g0 = 0; g0 < G; g0 += 16) {
+    const int64_t gn = std::min<int64_t>(16, G - g0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << gn) - 1);
+    for (int r = 0; r < NB; ++r)
+      _mm512_store_ps(scales[r], _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + (n + r) * G + g0)));
+    for (int64_t j = 0; j < gn; ++j) {
+      const int64_t g = g0 + j;
+      __m512 w0[NB], w1[NB], scale[NB];
+      for (int r = 0; r < NB; ++r) {
+        const int8_t* wg = w + (n + r) * K + g * kGroup;
+        _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
+        scale[r] = _mm512_set1_ps(scales[r][j]);
+        w0[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg))));
+        w1[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16))));
+        if constexpr (!kScaleSums) {
+          w0[r] = _mm512_mul_ps(scale[r], w0[r]);
+          w1[r] = _mm512_mul_ps(scale[r], w1[r]);
+        }
+      }
+      for (int i = 0; i < MT; ++i) {
+        const float* xg = x + (m0 + i) * K + g * kGroup;
+        const __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
+        for (int r = 0; r < NB; ++r) {
+          if constexpr (kScaleSums)
+            acc[r][i] = _mm512_fmadd_ps(_mm512_fmadd_ps(w1[r], x1, _mm512_mul_ps(w0[r], x0)), scale[r], acc[r][i]);
+          else
+            acc[r][i] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][i]));
+        }
+      }
     }
   }
   for (int r = 0; r < NB; ++r)
