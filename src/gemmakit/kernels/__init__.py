@@ -27,6 +27,7 @@ FMA_ROWS = 8
 
 @lru_cache(maxsize=None)
 def _extension():
+    """torch.ops.gemmakit.int8_group_matmul, built (once) and registered, or None."""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
@@ -38,35 +39,29 @@ def _extension():
     try:
         # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
         # libgomp torch already loaded is the one used, so both share torch's thread pool).
-        return load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(f"gemmakit: int8 kernel unavailable ({first}); using slower torch ops", stacklevel=3)
         return None
 
+    @torch.library.register_fake("gemmakit::int8_group_matmul")
+    def _(x, w, s, fma_rows):  # shapes for torch.compile's tracing
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+
+    return torch.ops.gemmakit.int8_group_matmul
+
+
+_OP = None  # the op once built; read (not built) inside compiled code
+
 
 def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) times int8 w (N, K) with float16 group scales s (N, K/32): (M, N) float32, or None
     where the kernel is unavailable (or the tensors are not on the CPU)."""
-    if torch.compiler.is_compiling():  # an opaque op in a compiled graph (a pybind call would break it)
-        return _int8_group_matmul_op(x, w, s)
-    ext = _extension() if x.device.type == "cpu" else None
-    if ext is None:
+    global _OP
+    if _OP is None and not torch.compiler.is_compiling():
+        _OP = _extension() or False
+    if not _OP or x.device.type != "cpu":
         return None
-    if x.shape[0] <= FMA_ROWS:
-        return ext.int8_group_matmul(x.float().contiguous(), w, s)
-    return ext.int8_group_matmul_dense(x, w, s)
-
-
-@torch.library.custom_op("gemmakit::int8_group_matmul", mutates_args=())
-def _int8_group_matmul_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    ext = _extension()
-    if x.shape[0] <= FMA_ROWS:
-        return ext.int8_group_matmul(x.float().contiguous(), w, s)
-    return ext.int8_group_matmul_dense(x, w, s)
-
-
-@_int8_group_matmul_op.register_fake
-def _(x, w, s):
-    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    return _OP(x, w, s, FMA_ROWS)

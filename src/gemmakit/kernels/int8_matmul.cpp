@@ -139,7 +139,7 @@ void dequantize_rows(const int8_t* w, const c10::Half* s, c10::BFloat16* out, in
 
 }  // namespace
 
-torch::Tensor int8_group_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
+torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
   TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
@@ -160,7 +160,7 @@ torch::Tensor int8_group_matmul(torch::Tensor x, torch::Tensor w, torch::Tensor 
 // The same product for many activation rows (prefill, many streams), where the FMA loop above runs
 // out of arithmetic: each thread turns an L2-sized block of weight rows into bfloat16 and hands it
 // to torch's dense matmul (oneDNN: AMX or AVX512-BF16), with the activations in bfloat16.
-torch::Tensor int8_group_matmul_dense(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
+torch::Tensor dense_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: floating point (M, K)");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
   TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
@@ -188,7 +188,20 @@ torch::Tensor int8_group_matmul_dense(torch::Tensor x, torch::Tensor w, torch::T
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_group_matmul", &int8_group_matmul, "y = x W^T, W int8 with a float16 scale per group of 32");
-  m.def("int8_group_matmul_dense", &int8_group_matmul_dense, "the same, for many rows, through bfloat16 blocks");
+// The op torch sees (eager and compiled alike, no Python in between): the FMA loop up to
+// fma_rows activation rows, the dense blocks above.
+torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t fma_rows) {
+  TORCH_CHECK(x.dim() == 2, "x: (M, K)");
+  if (x.size(0) <= fma_rows) return fma_matmul(x.to(torch::kFloat).contiguous(), w, s);
+  return dense_matmul(x, w, s);
 }
+
+TORCH_LIBRARY(gemmakit, m) {
+  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gemmakit, CPU, m) {
+  m.impl("int8_group_matmul", &int8_group_matmul);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // the op above is the interface; torch's loader wants a module
