@@ -1,10 +1,11 @@
-"""The fast paths users get (quantized weights, bfloat16 activations) through the generation engine:
-every token the engine picks is the model's own greedy choice, whichever kernel ran (the integer
-kernels for a few rows, dequantize-and-matmul for many)."""
+"""The fast paths users get (quantized weights) through the generation engine: every token the
+engine picks is the model's own greedy choice, whichever kernel ran (int8's FMA loop for a few
+rows and dense blocks for many, torch's int4 kernel)."""
 
 import pytest
 import torch
 
+from gemmakit import kernels
 from gemmakit import quantize as Q
 from gemmakit.engine import Engine
 from gemmakit.model import Gemma
@@ -22,19 +23,19 @@ def greedy_margin(model: Gemma, prompt: list[int], output: list[int]) -> float:
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-@pytest.mark.parametrize("streams", [1, Q.DENSE_ROWS["int8"] + 2])  # integer kernels; int8's dense path for many rows
+@pytest.mark.parametrize("streams", [1, kernels.FMA_ROWS + 2])  # int8: the FMA loop; its dense path for many rows
 def test_engine_decodes_the_quantized_models_greedy_tokens(mode, streams):
     model = Q.quantize(tiny_model(TINY3, seed=5), mode)
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist() for n in torch.randint(2, 14, (streams,), generator=gen)]
     engine = Engine(model, None, max_batch=streams, max_len=40)  # prompts + 20 tokens pass the window of 8
-    assert engine.cache.k[0].dtype == torch.bfloat16  # the cache follows the activations, not the int weights
+    assert engine.cache.k[0].dtype == Q.default_dtype(mode)  # the cache follows the activations, not the int weights
     requests = [engine.add(p, max_new_tokens=20) for p in prompts]
     while engine.requests:
         engine.step()
     for r in requests:
         assert len(r.output_ids) == 20
-        # bfloat16 and a different op order may flip a near-tie, never a clear winner
+        # bfloat16 (int4, int8's dense path) and a different op order may flip a near-tie, never a clear winner
         assert greedy_margin(model, r.prompt_ids, r.output_ids) < 0.05
 
 
