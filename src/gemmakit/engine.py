@@ -20,7 +20,7 @@ An engine is not thread-safe: drive add/step/cancel from one thread (a server's 
 
 from __future__ import annotations
 
-import weakref
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -90,7 +90,7 @@ class Engine:
         self.module = module.eval()
         # Decode steps run the same few hundred small ops every token: compiled, their Python and
         # dispatch cost mostly goes (prefill, a few large ops per chunk, stays eager).
-        self._decode = compiled(self.module) if compile else self.module
+        self._decode = functools.partial(compiled_forward(), self.module) if compile else self.module
         self.tokenizer = tokenizer
         weight = module.embed.weight
         self.device = weight.device
@@ -264,19 +264,16 @@ class Engine:
             self._held[i], self._held[j] = self._held[j], self._held[i]
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Gemma, torch.nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def compiled(module: Gemma) -> torch.nn.Module:
-    """`torch.compile(module)`, one per module, so that every engine on it shares the compiled code.
+@functools.lru_cache(maxsize=None)
+def compiled_forward():
+    """`Gemma.forward` under torch.compile, called with the module as its first argument: one
+    compiled function for every engine (and no reference to any model kept here).
 
     Dynamic shapes: the batch and the cache's span change from step to step. The first steps of a
     process compile (about a minute on 2 cores; batch 1 and larger batches are two graphs), later
     processes read inductor's on-disk cache.
     """
-    if module not in _COMPILED:
-        _COMPILED[module] = torch.compile(module, dynamic=True)
-    return _COMPILED[module]
+    return torch.compile(Gemma.forward, dynamic=True)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
