@@ -30,22 +30,8 @@ import torch
 import gemmakit
 from gemmakit.default_model import cache_dir, default_model_path
 from gemmakit.eval import evaluate
+from gemmakit.eval.lm_eval_bridge import GemmakitLM, evaluate_local, local_mc_task
 from gemmakit.eval.mc import mmlu
-
-TASK_YAML = """task: gemmakit_speed_mmlu
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: answer
-metric_list:
-  - metric: acc
-"""
-
 
 def hf_folder(lm) -> Path:
     """The GGUF as a Hugging Face folder, written once into the cache."""
@@ -59,12 +45,8 @@ def hf_folder(lm) -> Path:
 
 def lm_eval_run(model, tasks_dir: Path, name: str) -> tuple[float, float, list[dict]]:
     """Wall and CPU seconds of simple_evaluate on the local task, and its samples in item order."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     start, cpu = time.perf_counter(), time.process_time()
-    out = lm_eval.simple_evaluate(model=model, tasks=[name], num_fewshot=0, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
+    out = evaluate_local(model, tasks_dir, name)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     return seconds, cpu, [{"logprobs": [float(r[0][0]) for r in s["resps"]], "acc": float(s["acc"])} for s in samples]
@@ -87,12 +69,10 @@ def main() -> None:
     task.items = task.items[:args.items]
     data = work / "items.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": x["prompt"], "answer": x["answer"]}) for x in task.items))
-    (work / "tasks").mkdir()
-    (work / "tasks" / "speed.yaml").write_text(TASK_YAML.format(data=data))
+    local_mc_task(work / "tasks", "gemmakit_speed_mmlu", data, text="{{prompt}}", choices=["A", "B", "C", "D"],
+                  metrics=("acc",))
 
     from lm_eval.models.huggingface import HFLM
-
-    from gemmakit.eval.lm_eval_bridge import GemmakitLM
 
     folder = hf_folder(lm)
     hf_lm = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=args.hf_batch_size,

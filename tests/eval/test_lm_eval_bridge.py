@@ -5,7 +5,7 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval bridge needs lm-eval (the test extra installs it)")
 
 from gemmakit.eval import evaluate, make_task  # noqa: E402
-from gemmakit.eval.lm_eval_bridge import GemmakitLM  # noqa: E402
+from gemmakit.eval.lm_eval_bridge import GemmakitLM, evaluate_local, local_mc_task  # noqa: E402
 
 ROWS = [
     {"question": "the quick brown fox", "choices": ["jumps", "sleeps", "reads the model"], "answer": 0},
@@ -23,26 +23,9 @@ def test_lm_eval_on_a_local_task_agrees_with_gemmakit(tiny_lm, tmp_path, monkeyp
     data = tmp_path / "items.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(f"""task: gemmakit_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    from lm_eval.tasks import TaskManager
-
-    out = lm_eval.simple_evaluate(model=GemmakitLM(lm=tiny_lm), tasks=["gemmakit_tiny_mc"],
-                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                                  num_fewshot=0, log_samples=True)
+    yaml = local_mc_task(tasks, "gemmakit_tiny_mc", data, text="Question: {{question}}\nAnswer:")
+    assert 'doc_to_text: "Question: {{question}}\\nAnswer:"' in yaml.read_text()
+    out = evaluate_local(GemmakitLM(lm=tiny_lm), tasks, "gemmakit_tiny_mc")
     theirs = out["results"]["gemmakit_tiny_mc"]
     ours = evaluate(tiny_lm, make_task(tiny_lm, "mc", data=[data]), progress=False)
     assert theirs["acc,none"] == pytest.approx(ours["metrics"]["acc"]["value"])

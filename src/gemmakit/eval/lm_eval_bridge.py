@@ -86,6 +86,37 @@ class GemmakitLM(HarnessLM):
         return out
 
 
+def local_mc_task(folder, name: str, data, text: str = "{{question}}", choices="{{choices}}",
+                  metrics=("acc", "acc_norm")):
+    """Writes `folder/name.yaml`: an lm-eval multiple-choice task over a local JSONL file (no hub).
+
+    text and choices are lm-eval's doc_to_text and doc_to_choice (Jinja over the JSONL's fields,
+    or a list of choices); the target is the `answer` field. Returns the YAML's path.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    # JSON strings and lists are YAML too: no quoting rules of our own.
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+                    f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: {json.dumps(text)}\n"
+                    f"doc_to_choice: {json.dumps(choices)}\ndoc_to_target: answer\nmetric_list:\n"
+                    + "".join(f"  - metric: {m}\n" for m in metrics))
+    return path
+
+
+def evaluate_local(model, folder, name: str) -> dict:
+    """`lm_eval.simple_evaluate` of task `name` from `folder` alone (lm-eval's own tasks not
+    loaded), zero-shot, with every item's sample logged."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=model, tasks=[name], num_fewshot=0, log_samples=True,
+                                   task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+
+
 if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
 
