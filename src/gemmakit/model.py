@@ -15,6 +15,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GemmaConfig
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -154,8 +155,10 @@ class Gemma(nn.Module):
             nn.init.normal_(p, std=norm_std if name.endswith("norm.weight") else std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+                cache: KVCache | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with targets (B, T),
+        the summed cross-entropy instead (float32 scalar; targets of -100 carry no loss).
 
         positions (B, T) are absolute; each row may have its own. With a cache, the new keys and
         values are written into it and attention reads the whole cache, masked by position.
@@ -190,6 +193,8 @@ class Gemma(nn.Module):
             x = blk(x, ropes[blk.sliding], masks[blk.sliding], cache, slots)
         if last_only:
             x = x[:, -1:]
+        if targets is not None:  # without ever holding all (B, T, V) logits: see loss.py
+            return linear_cross_entropy(self.norm(x), self.embed.weight, targets, c.final_logit_softcap)
         logits = self.embed.attend(self.norm(x))  # (B, T, V): output layer tied to the embedding
         if c.final_logit_softcap is not None:
             logits = c.final_logit_softcap * torch.tanh(logits / c.final_logit_softcap)

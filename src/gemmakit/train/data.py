@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..loss import IGNORE  # the target of positions that carry no loss
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".rs", ".go", ".java",
                  ".sh", ".toml", ".cfg", ".ini", ".tex", ".html", ".css", ".jsonl", ""}
-IGNORE = -100  # target of positions that carry no loss (F.cross_entropy's ignore_index)
 
 
 @dataclass(frozen=True)

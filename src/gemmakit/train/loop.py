@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm.auto import tqdm
 
@@ -109,17 +108,6 @@ def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> flo
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the positions that carry loss, in float32. Only those rows of the
-    (B*T, V) logits are cast, which matters with a 262k vocabulary and sparse chat masks."""
-    V = logits.shape[-1]
-    flat, t = logits.reshape(-1, V), targets.reshape(-1)
-    keep = t != data.IGNORE
-    if not bool(keep.all()):  # pretraining rows have no ignored positions: skip the copy
-        flat, t = flat[keep], t[keep]
-    return F.cross_entropy(flat.float(), t, reduction="sum")
 
 
 # -- set-up ------------------------------------------------------------------------------------------
@@ -271,8 +259,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             for i in range(0, len(mine), cfg.batch_size):
                 x, y = data.collate(sources, mine[i: i + cfg.batch_size])
                 with autocast():
-                    logits = forward(x.to(world.device))
-                total += float(loss_sum(logits, y.to(world.device)))
+                    total += float(forward(x.to(world.device), targets=y.to(world.device)))
                 count += int((y != data.IGNORE).sum())
         model.train()
         return distributed.all_sum(total, world) / max(1.0, distributed.all_sum(count, world))
@@ -298,8 +285,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             sync = model.no_sync() if world.size > 1 and not last and hasattr(model, "no_sync") else contextlib.nullcontext()
             with sync:
                 with autocast():
-                    logits = forward(x.to(world.device))
-                piece = loss_sum(logits, y.to(world.device))
+                    piece = forward(x.to(world.device), targets=y.to(world.device))  # summed loss
                 # DDP and FSDP average gradients over processes; the world size undoes that.
                 (piece * (world.size / max(n_targets, 1.0))).backward()
             step_loss += float(piece.detach())
