@@ -1,5 +1,6 @@
 """Training speed on CPU: gemmakit's training step against transformers' GemmaForCausalLM, same
-config, batch, loss and optimizer (AdamW), float32. The two are timed in alternation, step by
+config, batch, loss and optimizer (AdamW, fused: what `gemmakit train` and transformers' Trainer
+both use by default), float32. The two are timed in alternation, step by
 step, so that load from other processes falls on both alike. Prints a table of tokens/s.
 
     python benchmarks/train_speed.py [--steps 10] [--threads 2] [--no-compile]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from functools import partial
 
 import torch
 
@@ -54,12 +56,12 @@ def main() -> None:
                            .replace("attn_norm", "input_layernorm").replace("mlp_norm", "post_attention_layernorm")
                            .replace("layers.", "layers."): v for k, v in ours.state_dict().items()}
                            | {"lm_head.weight": ours.embed.weight.detach()}, strict=True)
-    opts = {"gemmakit": torch.optim.AdamW(ours.parameters(), lr=1e-4),
-            "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4)}
+    adamw = partial(torch.optim.AdamW, lr=1e-4, fused=True)
+    opts = {"gemmakit": adamw(ours.parameters()), "transformers": adamw(theirs.parameters())}
     if args.compile:  # the same weights in a second copy, so that each copy has its own optimizer
         ours_c = copy.deepcopy(ours)
         compiled = torch.compile(ours_c)
-        opts["gemmakit, compiled"] = torch.optim.AdamW(ours_c.parameters(), lr=1e-4)
+        opts["gemmakit, compiled"] = adamw(ours_c.parameters())
 
     def step_ours(x, y):
         loss = ours(x, targets=y) / y.numel()
@@ -98,7 +100,7 @@ def main() -> None:
     tokens_per_step = args.batch_size * args.seq_len
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config: d_model {CONFIG.d_model}, {CONFIG.n_layers} layers, vocab {CONFIG.vocab_size} ({n_params / 1e6:.1f}M "
-          f"parameters); batch {args.batch_size} x {args.seq_len} tokens; AdamW; float32; {args.threads} threads; "
+          f"parameters); batch {args.batch_size} x {args.seq_len} tokens; fused AdamW; float32; {args.threads} threads; "
           f"{args.steps} timed steps")
     for name in losses:
         if name != "transformers":

@@ -22,19 +22,18 @@ def _rows_per_block(vocab: int) -> int:
 
 
 def _block(h, weight, targets, softcap):
-    """Logits of one block of rows -> (summed loss, d loss / d logits before the soft-cap)."""
+    """Logits of one block of rows -> (summed loss, d loss / d logits before the soft-cap).
+    Every target is a token: ignored positions were dropped before."""
     z = F.linear(h, weight).float()  # (n, V)
     capped = None
     if softcap is not None:
         capped = torch.tanh(z / softcap)
         z = softcap * capped
     z = torch.log_softmax(z, dim=-1)
-    keep = targets != IGNORE
-    picked = targets.clamp_min(0)[:, None]
-    loss = -torch.where(keep, z.gather(1, picked).squeeze(1), 0.0).sum()
+    picked = targets[:, None]
+    loss = -z.gather(1, picked).sum()
     grad = z.exp_()  # softmax - one_hot(target): the gradient of the loss in the logits
     grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))
-    grad.mul_(keep[:, None])
     if softcap is not None:
         grad.mul_(1 - capped * capped)
     return loss, grad
