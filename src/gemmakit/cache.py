@@ -34,6 +34,7 @@ class KVCache:
                     for s in set(self.sliding)}
         self.rows = torch.arange(batch_size, device=device)[:, None]
         self._extent = [0]  # 1 + the highest position written; a list so that views share it
+        self._reserved = False
 
     @property
     def batch_size(self) -> int:
@@ -49,14 +50,27 @@ class KVCache:
     def positions(self, sliding: bool) -> torch.Tensor:
         return self.pos[sliding][:, :self.span(sliding)]  # (B, S)
 
+    def reserve(self, end: int) -> KVCache:
+        """Vouches that the next forward pass writes only positions below `end`, so that `record`
+        need not read the positions back from the tensor: that read waits for the device and splits
+        a compiled decode step into several graphs. Returns self."""
+        self._extend(end)
+        self._reserved = True
+        return self
+
+    def _extend(self, end: int) -> None:
+        if end > self.max_len:
+            raise IndexError(f"position {end - 1} is beyond the cache ({self.max_len})")
+        self._extent[0] = max(self._extent[0], end)
+
     def record(self, positions: torch.Tensor) -> dict[bool, torch.Tensor]:
         """Claims the slots for new tokens at `positions` (B, T); returns the slots per layer kind."""
-        highest = int(positions.max())
-        if highest >= self.max_len:
-            raise IndexError(f"position {highest} is beyond the cache ({self.max_len})")
         if positions.shape[1] > self.max_chunk:  # the ring would overwrite keys this chunk still reads
             raise ValueError(f"a chunk of {positions.shape[1]} tokens is longer than the cache's max_chunk {self.max_chunk}")
-        self._extent[0] = max(self._extent[0], highest + 1)
+        if self._reserved:
+            self._reserved = False  # the promise covers one forward pass
+        else:
+            self._extend(int(positions.max()) + 1)
         slots = {}
         for sliding, table in self.pos.items():
             slots[sliding] = positions % table.shape[1]

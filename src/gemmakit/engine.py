@@ -178,7 +178,8 @@ class Engine:
             return []
         tokens = torch.tensor([[r._next] for r in active], device=self.device)  # (n, 1)
         positions = torch.tensor([[r._length] for r in active], device=self.device)  # (n, 1)
-        logits = self._decode(tokens, positions, self.cache.rows_view(0, len(active)), last_only=True)[:, -1]  # (n, V)
+        cache = self.cache.rows_view(0, len(active)).reserve(max(r._length for r in active) + 1)
+        logits = self._decode(tokens, positions, cache, last_only=True)[:, -1]  # (n, V)
         logits = logits[:, :self._vocab]  # a padded embedding's extra rows are not tokens
         penalized = [r.prompt_ids + r.output_ids if r.sampling.repetition_penalty else None for r in active]
         chosen = next_tokens(logits, [r.sampling for r in active], [r._generator for r in active], penalized).tolist()
