@@ -65,7 +65,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
 
 
-@torch.compiler.disable  # a Python loop over blocks: compiled code around it calls it as it is
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of logits `softcap * tanh(h @ weight^T / softcap)` (no cap if None)
