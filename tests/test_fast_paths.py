@@ -49,3 +49,14 @@ def test_quantized_prefill_in_chunks_equals_one_chunk():
     while engine.requests:
         engine.step()
     assert greedy_margin(model, prompt, request.output_ids) < 0.05
+
+
+def test_importing_gemmakit_leaves_the_compiler_alone():
+    """torch._dynamo costs about 2 s and 70 MB to import: only --compile and training may pay that,
+    not every start (the issue's start-to-first-token and peak-RSS targets)."""
+    import subprocess
+    import sys
+
+    code = "import sys, gemmakit, gemmakit.cli, gemmakit.engine, gemmakit.quantize; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
