@@ -302,9 +302,13 @@ def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dt
     config = GemmaConfig.from_dict(meta["config"])
     module = quantized_skeleton(config, mode, group_size, dtype)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        # Copied into torch's own memory: torch's int8/int4 CPU kernels segfaulted (torch 2.13) on
-        # the tensors safetensors hands out, likely for their weaker alignment.
-        state = {name: f.get_tensor(name).clone() for name in f.keys()}
+        # int8: the tensors stay memory-mapped from the file (pages read on first use, never held
+        # twice: 270 MB less at peak for the default model). int4: copied into torch's own memory,
+        # since torch's int4 CPU kernel segfaulted (torch 2.13) on the mapped tensors, whose start
+        # is only 8-byte aligned.
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    if mode != "int8":
+        state = {name: t.clone() for name, t in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     module.embed.weight = torch.empty(0, dtype=dtype)  # the meta placeholder, made real
     tokenizer_file = next((p for p in (folder / "tokenizer.model", folder / "tokenizer.json") if p.is_file()), None)
