@@ -1,6 +1,6 @@
 """The fast paths users get (quantized weights) through the generation engine: every token the
 engine picks is the model's own greedy choice, whichever kernel ran (int8's FMA loop for a few
-rows and dense blocks for many, torch's int4 kernel)."""
+rows, VNNI for several, dense blocks for many; torch's int4 kernel)."""
 
 import pytest
 import torch
@@ -23,7 +23,8 @@ def greedy_margin(model: Gemma, prompt: list[int], output: list[int]) -> float:
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-@pytest.mark.parametrize("streams", [1, kernels.FMA_ROWS + 2])  # int8: the FMA loop; its dense path for many rows
+# int8: the FMA loop, the VNNI loop for several streams, the dense path for many
+@pytest.mark.parametrize("streams", [1, kernels.FMA_ROWS + 2, kernels.VNNI_ROWS + 2])
 def test_engine_decodes_the_quantized_models_greedy_tokens(mode, streams):
     model = Q.quantize(tiny_model(TINY3, seed=5), mode)
     gen = torch.Generator().manual_seed(6)

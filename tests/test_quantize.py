@@ -63,7 +63,8 @@ def test_int4_error_is_within_half_a_step_per_group():
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-@pytest.mark.parametrize("rows", [1, 3, kernels.FMA_ROWS + 5])  # int8: the FMA loop, then the dense blocks
+# int8: the FMA loop, the VNNI loop, the dense blocks
+@pytest.mark.parametrize("rows", [1, 3, kernels.FMA_ROWS + 5, kernels.VNNI_ROWS + 1])
 def test_forward_equals_the_dequantized_matmul(mode, rows):
     q = Q.QuantizedLinear.from_float(weight(), mode)
     dtype = Q.default_dtype(mode)
@@ -79,8 +80,8 @@ def test_forward_equals_the_dequantized_matmul(mode, rows):
 def test_int8_without_the_kernel_dequantizes_blocks_of_channels(monkeypatch):
     """Where the kernel cannot be built: blocks of 48 channels (the last one partial) over 128."""
     q = Q.QuantizedLinear.from_float(weight(), "int8")
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
-    with_kernel = q(x)
+    x = torch.randn(kernels.FMA_ROWS, 64, generator=torch.Generator().manual_seed(1))
+    with_kernel = q(x)  # the FMA loop: float32 activations, as the fallback
     monkeypatch.setattr(Q, "_CHUNK", 48)
     monkeypatch.setattr(kernels, "_OP", False)
     assert kernels.int8_group_matmul(x, q.weight, q.scales) is None

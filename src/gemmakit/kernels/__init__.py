@@ -20,14 +20,22 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("int8_matmul.cpp")
-# Up to this many rows the FMA loop wins; above, dequantized bfloat16 blocks and oneDNN's dense
-# matmul do (output head, 262144 x 640, 2 threads: 18.6 against 40 ms at 8 rows, about even at 16).
-FMA_ROWS = 8
+# Which loop runs for how many activation rows (output head, 262144 x 640, 2 threads, ms):
+#   rows          1     4     8    16    32
+#   FMA loop    9.4  11.5  21.6  54.4   118
+#   VNNI        8.1  10.9  17.8  39.6    92
+#   dense        51    48    49    56    83
+# The FMA loop keeps float32 activations (exact up to the weights), so it keeps the few rows of
+# one conversation; VNNI (int8 activations, where the CPU has it) takes many streams; the dense
+# blocks (bfloat16) take prompts.
+FMA_ROWS = 4
+VNNI_ROWS = 24
 
 
 @lru_cache(maxsize=None)
-def _extension():
-    """torch.ops.gemmakit.int8_group_matmul, built (once) and registered, or None."""
+def extension():
+    """The built extension module, or None; building it registers torch.ops.gemmakit.int8_group_matmul.
+    (Its own functions, `fma_matmul`, `vnni_matmul` and `has_vnni`, are there for tests.)"""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
@@ -39,18 +47,18 @@ def _extension():
     try:
         # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
         # libgomp torch already loaded is the one used, so both share torch's thread pool).
-        load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], verbose=False)
+        module = load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(f"gemmakit: int8 kernel unavailable ({first}); using slower torch ops", stacklevel=3)
         return None
 
     @torch.library.register_fake("gemmakit::int8_group_matmul")
-    def _(x, w, s, fma_rows):  # shapes for torch.compile's tracing
+    def _(x, w, s, fma_rows, vnni_rows):  # shapes for torch.compile's tracing
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
-    return torch.ops.gemmakit.int8_group_matmul
+    return module
 
 
 _OP = None  # the op once built; read (not built) inside compiled code
@@ -61,7 +69,7 @@ def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torc
     where the kernel is unavailable (or the tensors are not on the CPU)."""
     global _OP
     if _OP is None and not torch.compiler.is_compiling():
-        _OP = _extension() or False
+        _OP = extension() is not None and torch.ops.gemmakit.int8_group_matmul
     if not _OP or x.device.type != "cpu":
         return None
-    return _OP(x, w, s, FMA_ROWS)
+    return _OP(x, w, s, FMA_ROWS, VNNI_ROWS)

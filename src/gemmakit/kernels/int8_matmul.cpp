@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <cstring>
+#include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -115,6 +116,92 @@ void rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
 #endif
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// -- Several rows (many streams decoding at once): int8 x int8 dot products (AVX512-VNNI) ----------
+// With 16 rows the FMA loop above is bound by arithmetic, not memory: each weight is converted
+// to float once and multiplied 16 times. Here the activations are quantized like the weights
+// (int8, a float scale per group of 32: llama.cpp's Q8_0 x Q8_0), and one VPDPBUSD multiplies
+// and sums 64 byte pairs. VPDPBUSD wants one unsigned operand: the weights get +128 (a XOR of
+// the sign bit), and each group's dot product starts from -128 * (sum of its activations).
+
+struct QuantizedRows {
+  std::vector<int8_t> q;     // (M, K)
+  std::vector<float> scale;  // (M, G / 2, 16): a pair of groups' scales, each over its 8 lanes
+  std::vector<int32_t> start;  // (M, G / 2, 16): -128 * sum of the group in the first lane of its 8
+};
+
+inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t G = K / kGroup;
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * G * 8), std::vector<int32_t>(M * G * 8, 0)};
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * kGroup;
+      const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // round to nearest even
+      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + m * K + g * kGroup), _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + m * K + g * kGroup + 16), _mm512_cvtsepi32_epi8(qb));
+      const int64_t lane = m * G * 8 + g * 8;  // = (m, g / 2, 8 * (g % 2))
+      for (int l = 0; l < 8; ++l) out.scale[lane + l] = d;
+      out.start[lane] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+  }
+  return out;
+}
+
+// NB weight rows times MT activation rows, two groups (64 bytes) at a time.
+template <int NB, int MT>
+inline void vnni_block(const QuantizedRows& xq, const int8_t* w, const c10::Half* s, float* y,
+                       int64_t N, int64_t K, int64_t n, int64_t m0) {
+  const int64_t G = K / kGroup;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // lanes 0-7 read the first group's scale, lanes 8-15 the second's
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[NB][MT];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 2) {
+    __m512i wv[NB];
+    __m512 ws[NB];
+    for (int r = 0; r < NB; ++r) {
+      const int8_t* wg = w + (n + r) * K + g * kGroup;
+      _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
+      wv[r] = _mm512_xor_si512(_mm512_loadu_si512(wg), flip);
+      const __m512 two = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0x3, s + (n + r) * G + g));
+      ws[r] = _mm512_permutexvar_ps(pair, two);
+    }
+    for (int i = 0; i < MT; ++i) {
+      const int64_t m = m0 + i;
+      const __m512i xv = _mm512_loadu_si512(xq.q.data() + m * K + g * kGroup);
+      const __m512i start = _mm512_loadu_si512(xq.start.data() + m * G * 8 + g * 8);
+      const __m512 xs = _mm512_loadu_ps(xq.scale.data() + m * G * 8 + g * 8);
+      for (int r = 0; r < NB; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xv));
+        acc[r][i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[r], xs), acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+void vnni_rows(const QuantizedRows& xq, const int8_t* w, const c10::Half* s, float* y,
+               int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  // NB weight rows (NB * K bytes, in L1) against tiles of activation rows: 16 accumulators.
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) vnni_block<2, 8>(xq, w, s, y, N, K, n, m0);
+    for (; m0 + 4 <= M; m0 += 4) vnni_block<2, 4>(xq, w, s, y, N, K, n, m0);
+    for (; m0 < M; ++m0) vnni_block<2, 1>(xq, w, s, y, N, K, n, m0);
+  }
+  for (; n < n1; ++n)
+    for (int64_t m0 = 0; m0 < M; ++m0) vnni_block<1, 1>(xq, w, s, y, N, K, n, m0);
+}
+#endif
+
 // Rows of w, times their scales, as bfloat16 (rows, K) in out.
 void dequantize_rows(const int8_t* w, const c10::Half* s, c10::BFloat16* out, int64_t rows, int64_t K) {
   const int64_t G = K / kGroup;
@@ -188,20 +275,59 @@ torch::Tensor dense_matmul(const torch::Tensor& x, const torch::Tensor& w, const
   return y;
 }
 
+// Whether this build has the int8 dot-product path (AVX512-VNNI).
+bool has_vnni() {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
+  TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % (2 * kGroup) == 0, "w must be (N, K) with K a multiple of 64");
+  TORCH_CHECK(s.numel() == N * (K / kGroup), "s must hold N * K / 32 scales");
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const c10::Half* sp = s.data_ptr<c10::Half>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { vnni_rows(xq, wp, sp, yp, M, N, K, n0, n1); });
+  return y;
+#else
+  TORCH_CHECK(false, "built without AVX512-VNNI");
+#endif
+}
+
 // The op torch sees (eager and compiled alike, no Python in between): the FMA loop up to
-// fma_rows activation rows, the dense blocks above.
-torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t fma_rows) {
+// fma_rows activation rows, int8 dot products up to vnni_rows (where the CPU has them and K is a
+// multiple of 64), the dense blocks above.
+torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
+                                int64_t fma_rows, int64_t vnni_rows) {
   TORCH_CHECK(x.dim() == 2, "x: (M, K)");
-  if (x.size(0) <= fma_rows) return fma_matmul(x.to(torch::kFloat).contiguous(), w, s);
+  const int64_t M = x.size(0);
+  if (M <= fma_rows) return fma_matmul(x.to(torch::kFloat).contiguous(), w, s);
+  if (has_vnni() && M <= vnni_rows && x.size(1) % (2 * kGroup) == 0)
+    return vnni_matmul(x.to(torch::kFloat).contiguous(), w, s);
   return dense_matmul(x, w, s);
 }
 
 TORCH_LIBRARY(gemmakit, m) {
-  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows) -> Tensor");
+  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows, int vnni_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gemmakit, CPU, m) {
   m.impl("int8_group_matmul", &int8_group_matmul);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // the op above is the interface; torch's loader wants a module
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the op above is the interface; these are for tests
+  m.def("has_vnni", &has_vnni);
+  m.def("vnni_matmul", &vnni_matmul);
+  m.def("fma_matmul", &fma_matmul);
+}
