@@ -1,12 +1,13 @@
 """gemmakit next to llama.cpp and transformers on the same machine, in one run, on the real Gemma 3 270M.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/bench.py [--threads 2] [--only gemmakit-int8,llama.cpp] [--plot benchmarks/batch.png]
+    python benchmarks/bench.py [--threads 2] [--only gemmakit-int8,llama.cpp] [--plot benchmarks/batch.png] [--repeat 5]
 
 Every engine runs in its own process (so that load time and peak RSS are its own), on the same
 prompt token ids (`gemmakit.bench.measure` makes them: a 512-token prefill; 16 prompts of 32
 tokens for decoding), with the same threads, and reports one JSON line. The table gives each
-figure and its ratio to llama.cpp's.
+figure and its ratio to llama.cpp's; with --repeat, the engines take turns for several rounds and
+the table gives medians (ratios of the medians).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -171,6 +173,18 @@ def peer_main(args) -> None:
     print(json.dumps(out))
 
 
+def median_of(runs: list[dict]) -> dict:
+    """Each numeric figure's median over the runs that succeeded (the first error if none did)."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    out = dict(good[0])
+    for key, value in good[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in good)
+    return out
+
+
 def table(results: dict[str, dict], batch_sizes) -> str:
     base = results.get("llama.cpp")
     columns = figures(batch_sizes)
@@ -227,6 +241,9 @@ def main() -> None:
                    help="llama.cpp without its extra CPU buffer types (AMX, repacked weights): for VMs that "
                         "advertise AMX but fault on it (exit -4, Illegal instruction); slows llama.cpp down")
     p.add_argument("--plot", default=None, help="write a PNG of tok/s against batch size here")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds, each running every engine once in turn; the table gives each figure's "
+                        "median over the rounds (on a shared VM, one round's ratios can be off by 30%%)")
     p.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run one peer in this process
     args = p.parse_args()
     if args.peer:
@@ -235,13 +252,17 @@ def main() -> None:
     names = args.only.split(",") if args.only else ["llama.cpp", *GEMMAKIT, *PEERS[1:]]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.threads} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
-    results = {}
-    for name in names:
-        try:
-            results[name] = run_one(name, args)
-        except Exception as e:  # a missing peer must not hide the others' figures
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeat):
+        for name in names:
+            try:
+                rounds[name].append(run_one(name, args))
+            except Exception as e:  # a missing peer must not hide the others' figures
+                rounds[name].append({"error": f"{type(e).__name__}: {e}"})
+            print(f"{name}: {json.dumps(rounds[name][-1])}", file=sys.stderr, flush=True)
+    results = {name: median_of(runs) for name, runs in rounds.items()}
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} rounds")
     print(table(results, args.batch_sizes))
     if args.plot:
         plot(results, args, args.plot)
