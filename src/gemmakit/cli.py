@@ -17,8 +17,9 @@ from .errors import GemmaError
 AREAS = ["gemmakit.serve.cli", "gemmakit.train.cli", "gemmakit.eval.cli", "gemmakit.bench"]
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--dtype/--device, shared by every command that loads a model."""
+def add_model_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
+    """--model/--dtype/--device..., shared by every command that loads a model; compile=False for
+    commands that never decode, where --compile would do nothing."""
     p.add_argument("--model", "-m", default=None,
                    help="HF folder, .ckpt/.bin, .gguf, or preset name (default: the real Gemma 3 270M)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
@@ -27,8 +28,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: faster tokens after about a minute of compiling on first use")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step: faster tokens after about a minute of compiling on first use")
 
 
 def load_model(args: argparse.Namespace, progress: bool = True):
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat, max_new_tokens=512)
 
     p = sub.add_parser("info", help="config, parameter count, dtype and bytes of a model")
-    add_model_args(p)
+    add_model_args(p, compile=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
