@@ -44,6 +44,9 @@ def test_greedy_rows_take_the_argmax_and_leave_logits_alone():
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
     assert out[3] in logits[3].topk(3).indices
     assert torch.equal(logits, before)
+    tied = torch.zeros(2, 262144)
+    tied[:, [70_000, 9, 200_000]] = 1.0  # equal maxima: the lowest id wins, as argmax picks
+    assert next_tokens(tied, [Sampling(), Sampling()]).tolist() == [9, 9]
 
 
 def test_top_k_keeps_the_k_most_likely():
