@@ -127,10 +127,14 @@ def test_lora_finetune_on_chats(tmp_path, tiny_config, tiny_tokenizer, chats):
 
 
 def test_compiled_training_follows_the_eager_curve(tmp_path, tiny_config_file, corpus):
+    from torch._dynamo.utils import counters
+
     eager = train(run_config(tmp_path / "eager", tiny_config_file, [corpus], max_steps=4, save_every=4))
+    counters.clear()
     compiled = train(run_config(tmp_path / "compiled", tiny_config_file, [corpus], max_steps=4, save_every=4,
                                 compile=True))
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the loss runs inside the graph
 
 
 def test_checkpointed_and_bf16_training_follow_the_eager_curve(tmp_path, tiny_config_file, corpus):
