@@ -226,13 +226,19 @@ void dequantize_rows(const int8_t* w, const c10::Half* s, c10::BFloat16* out, in
 
 }  // namespace
 
-torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+// The weight operand every entry point takes: int8 w (N, K) and its float16 scales s (N, K / 32),
+// with K a multiple of `multiple` (32, or 64 where a loop reads two groups at a time).
+void check_weights(const torch::Tensor& w, const torch::Tensor& s, int64_t K, int64_t multiple) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
   TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
+  TORCH_CHECK(w.size(1) == K && K % multiple == 0, "w must be (N, K) with K a multiple of ", multiple);
+  TORCH_CHECK(s.numel() == w.size(0) * (K / kGroup), "s must hold N * K / 32 scales");
+}
+
+torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && K % kGroup == 0, "w must be (N, K) with K a multiple of 32");
-  TORCH_CHECK(s.numel() == N * (K / kGroup), "s must hold N * K / 32 scales");
+  check_weights(w, s, K, kGroup);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -249,11 +255,8 @@ torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const t
 // to torch's dense matmul (oneDNN: AMX or AVX512-BF16), with the activations in bfloat16.
 torch::Tensor dense_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: floating point (M, K)");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
-  TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && K % kGroup == 0, "w must be (N, K) with K a multiple of 32");
-  TORCH_CHECK(s.numel() == N * (K / kGroup), "s must hold N * K / 32 scales");
+  check_weights(w, s, K, kGroup);
   const auto xb = x.to(torch::kBFloat16).contiguous();
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -287,11 +290,8 @@ bool has_vnni() {
 torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
-  TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && K % (2 * kGroup) == 0, "w must be (N, K) with K a multiple of 64");
-  TORCH_CHECK(s.numel() == N * (K / kGroup), "s must hold N * K / 32 scales");
+  check_weights(w, s, K, 2 * kGroup);
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
   auto y = torch::empty({M, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
