@@ -235,19 +235,29 @@ void check_weights(const torch::Tensor& w, const torch::Tensor& s, int64_t K, in
   TORCH_CHECK(s.numel() == w.size(0) * (K / kGroup), "s must hold N * K / 32 scales");
 }
 
-torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+// y (M, N) = x (M, K) w^T for float32 x, split over the weight rows between torch's threads.
+// `prepare(x, w, s, M, N, K)` readies the activations once and returns the work of one task,
+// `work(y, n0, n1)`, which fills columns n0..n1 of y.
+template <class Prepare>
+torch::Tensor over_weight_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
+                               int64_t multiple, Prepare prepare) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check_weights(w, s, K, kGroup);
+  check_weights(w, s, K, multiple);
+  const auto work = prepare(x.data_ptr<float>(), w.data_ptr<int8_t>(), s.data_ptr<c10::Half>(), M, N, K);
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const c10::Half* sp = s.data_ptr<c10::Half>();
   float* yp = y.data_ptr<float>();
   // A task of at least ~64 KiB of weights, in blocks of 4 rows: smaller ones cost more in scheduling than they save.
   const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(xp, wp, sp, yp, M, N, K, n0, n1); });
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { work(yp, n0, n1); });
   return y;
+}
+
+torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+  return over_weight_rows(x, w, s, kGroup, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+                                              int64_t M, int64_t N, int64_t K) {
+    return [=](float* yp, int64_t n0, int64_t n1) { rows(xp, wp, sp, yp, M, N, K, n0, n1); };
+  });
 }
 
 // The same product for many activation rows (prefill, many streams), where the FMA loop above runs
@@ -289,17 +299,12 @@ bool has_vnni() {
 
 torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check_weights(w, s, K, 2 * kGroup);
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
-  auto y = torch::empty({M, N}, x.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const c10::Half* sp = s.data_ptr<c10::Half>();
-  float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { vnni_rows(xq, wp, sp, yp, M, N, K, n0, n1); });
-  return y;
+  return over_weight_rows(x, w, s, 2 * kGroup, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+                                                  int64_t M, int64_t N, int64_t K) {
+    return [xq = quantize_rows(xp, M, K), wp, sp, M, N, K](float* yp, int64_t n0, int64_t n1) {
+      vnni_rows(xq, wp, sp, yp, M, N, K, n0, n1);
+    };
+  });
 #else
   TORCH_CHECK(false, "built without AVX512-VNNI");
 #endif
