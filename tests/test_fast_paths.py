@@ -23,8 +23,8 @@ def greedy_margin(model: Gemma, prompt: list[int], output: list[int]) -> float:
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-# int8: the FMA loop, the VNNI loop for several streams, the dense path for many
-@pytest.mark.parametrize("streams", [1, kernels.FMA_ROWS + 2, kernels.VNNI_ROWS + 2])
+# int8: the FMA loop, int8 activations (AMX or VNNI) for several streams, the dense path for many
+@pytest.mark.parametrize("streams", [1, kernels.FMA_ROWS + 2, kernels.VNNI_ROWS + 2, kernels.AMX_ROWS + 2])
 def test_engine_decodes_the_quantized_models_greedy_tokens(mode, streams):
     model = Q.quantize(tiny_model(TINY3, seed=5), mode)
     gen = torch.Generator().manual_seed(6)

@@ -26,23 +26,25 @@ def kernel_built():
 
 # rows: 1 and 2 (one pass of the 2-row tile), odd counts (the 1-row tail), the FMA loop's last
 # count, the VNNI loop (K a multiple of 64: its 8-row tile and tails) and the dense path above it.
-# 131 output channels: blocks of 4 (2 for VNNI) and a tail.
-@pytest.mark.parametrize("rows", [1, 2, 3, kernels.FMA_ROWS, kernels.FMA_ROWS + 1, 13, kernels.VNNI_ROWS, 37])
+# 131 output channels: blocks of 4 (2 for VNNI) and a tail; 144: whole tiles of 16 (AMX).
+@pytest.mark.parametrize("rows", [1, 2, 3, kernels.FMA_ROWS, kernels.FMA_ROWS + 1, 13, kernels.VNNI_ROWS, kernels.AMX_ROWS, kernels.AMX_ROWS + 1])
 @pytest.mark.parametrize("k", [32, 96, 640])
-def test_int8_group_matmul_equals_the_float64_product(rows, k):
-    w, s = int8_weight(131, k)
+@pytest.mark.parametrize("n", [131, 144])
+def test_int8_group_matmul_equals_the_float64_product(rows, k, n):
+    w, s = int8_weight(n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
     y = kernels.int8_group_matmul(x, w, s)
     expected = reference(x, w, s)
-    assert y.shape == (rows, 131) and y.dtype == torch.float32
+    assert y.shape == (rows, n) and y.dtype == torch.float32
     # float32 accumulation for few rows; int8 or bfloat16 activations above
     tol = 1e-5 if rows <= kernels.FMA_ROWS else 1e-2
     assert ((y.double() - expected).abs().max() / expected.abs().max()) < tol
 
 
 @pytest.mark.parametrize("rows", [2, kernels.FMA_ROWS + 1])
-def test_int8_group_matmul_splits_work_across_threads_without_changing_results(rows):
-    w, s = int8_weight(4099, 640)  # more than one parallel task of rows
+@pytest.mark.parametrize("n", [4099, 4096])  # 4096: the AMX loop, where there is one
+def test_int8_group_matmul_splits_work_across_threads_without_changing_results(rows, n):
+    w, s = int8_weight(n, 640)  # more than one parallel task of rows
     x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(2))
     before = torch.get_num_threads()
     try:
@@ -63,10 +65,11 @@ def test_int8_group_matmul_rejects_shapes_it_cannot_read():
         kernels.int8_group_matmul(torch.randn(1, 64), w, s[:4].contiguous())
 
 
-@pytest.mark.parametrize("rows", [1, kernels.FMA_ROWS + 1, kernels.VNNI_ROWS + 1])
-def test_int8_group_matmul_runs_under_inference_mode_on_every_thread(rows):
+@pytest.mark.parametrize("rows", [1, kernels.FMA_ROWS + 1, kernels.VNNI_ROWS + 1, kernels.AMX_ROWS + 1])
+@pytest.mark.parametrize("n", [4099, 4096])
+def test_int8_group_matmul_runs_under_inference_mode_on_every_thread(rows, n):
     """Worker threads do not inherit inference mode: the outputs must not be written by torch ops there."""
-    w, s = int8_weight(4099, 640)
+    w, s = int8_weight(n, 640)
     x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(3))
     before = torch.get_num_threads()
     try:
@@ -78,21 +81,23 @@ def test_int8_group_matmul_runs_under_inference_mode_on_every_thread(rows):
     assert ((y.double() - reference(x, w, s)).abs().max() / reference(x, w, s).abs().max()) < 1e-2
 
 
-def test_vnni_loop_is_exact_for_the_activations_it_quantizes():
-    """The VNNI loop's only error is rounding each activation to int8 with a scale per group of
-    32 (amax / 127, as llama.cpp's Q8_0): on activations rounded that way in Python first, it
-    equals the float64 product to float32 accuracy."""
+@pytest.mark.parametrize("loop, rows", [("vnni", 13), ("amx", 13), ("amx", 21)])
+def test_int8_activation_loops_are_exact_for_the_activations_they_quantize(loop, rows):
+    """The VNNI and AMX loops' only error is rounding each activation to int8 with a scale per
+    group of 32 (amax / 127, as llama.cpp's Q8_0): on activations rounded that way in Python
+    first, they equal the float64 product to float32 accuracy (21 rows: two tiles of rows, one
+    part-filled)."""
     ext = kernels.extension()
-    if not ext.has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI: int8_group_matmul never takes this loop here")
-    w, s = int8_weight(131, 640)
-    x = torch.randn(13, 640, generator=torch.Generator().manual_seed(4))
+    if not getattr(ext, f"has_{loop}")():
+        pytest.skip(f"this CPU (or OS) offers no {loop.upper()}: int8_group_matmul never takes this loop here")
+    w, s = int8_weight(144 if loop == "amx" else 131, 640)
+    x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(4))
     x[0, :32] = 0  # an all-zero group
-    groups = x.view(13, -1, 32)
+    groups = x.view(rows, -1, 32)
     amax = groups.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    rounded = (torch.round(groups * inv) * (amax / 127)).view(13, 640)
-    y = ext.vnni_matmul(x, w, s)
+    rounded = (torch.round(groups * inv) * (amax / 127)).view(rows, 640)
+    y = getattr(ext, f"{loop}_matmul")(x, w, s)
     expected = reference(rounded, w, s)
     assert ((y.double() - expected).abs().max() / expected.abs().max()) < 1e-5
     assert ((y.double() - reference(x, w, s)).abs().max() / expected.abs().max()) > 1e-4  # it did round

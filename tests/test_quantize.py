@@ -63,8 +63,8 @@ def test_int4_error_is_within_half_a_step_per_group():
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-# int8: the FMA loop, the VNNI loop, the dense blocks
-@pytest.mark.parametrize("rows", [1, 3, kernels.FMA_ROWS + 5, kernels.VNNI_ROWS + 1])
+# int8: the FMA loop, the int8-activation loop (AMX or VNNI), the dense blocks
+@pytest.mark.parametrize("rows", [1, 3, kernels.FMA_ROWS + 5, kernels.VNNI_ROWS + 1, kernels.AMX_ROWS + 1])
 def test_forward_equals_the_dequantized_matmul(mode, rows):
     q = Q.QuantizedLinear.from_float(weight(), mode)
     dtype = Q.default_dtype(mode)

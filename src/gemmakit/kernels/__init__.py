@@ -21,21 +21,25 @@ import torch
 
 _SOURCE = Path(__file__).with_name("int8_matmul.cpp")
 # Which loop runs for how many activation rows (output head, 262144 x 640, 2 threads, ms):
-#   rows          1     4     8    16    32
-#   FMA loop    9.4  11.5  21.6  54.4   118
-#   VNNI        8.1  10.9  17.8  39.6    92
-#   dense        51    48    49    56    83
+#   rows          1     4     8    16    32    64
+#   FMA loop    8.8   9.3  16.2  34.6  84.1   167
+#   VNNI        7.4   7.8  13.0  35.3  74.8   175
+#   AMX        14.1  10.8  12.3  14.2  27.5  52.0
+#   dense        32    33    37    36    42    78
 # The FMA loop keeps float32 activations (exact up to the weights), so it keeps the few rows of
-# one conversation; VNNI (int8 activations, where the CPU has it) takes many streams; the dense
-# blocks (bfloat16) take prompts.
+# one conversation; int8 activations take many streams: on the AMX tile unit where the CPU has
+# one, else VNNI; the dense blocks (bfloat16) take prompts. (Past 64 rows oneDNN's bfloat16
+# matmul wins for the layers' smaller matrices.)
 FMA_ROWS = 4
 VNNI_ROWS = 24
+AMX_ROWS = 64
 
 
 @lru_cache(maxsize=None)
 def extension():
     """The built extension module, or None; building it registers torch.ops.gemmakit.int8_group_matmul.
-    (Its own functions, `fma_matmul`, `vnni_matmul` and `has_vnni`, are there for tests.)"""
+    (Its own functions, `fma_matmul`, `vnni_matmul`, `amx_matmul`, `has_vnni` and `has_amx`, are
+    there for tests.)"""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
@@ -55,21 +59,24 @@ def extension():
         return None
 
     @torch.library.register_fake("gemmakit::int8_group_matmul")
-    def _(x, w, s, fma_rows, vnni_rows):  # shapes for torch.compile's tracing
+    def _(x, w, s, fma_rows, int8_rows):  # shapes for torch.compile's tracing
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
     return module
 
 
 _OP = None  # the op once built; read (not built) inside compiled code
+_INT8_ROWS = VNNI_ROWS  # up to how many rows the activations go int8: AMX_ROWS where it has AMX
 
 
 def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) times int8 w (N, K) with float16 group scales s (N, K/32): (M, N) float32, or None
     where the kernel is unavailable (or the tensors are not on the CPU)."""
-    global _OP
+    global _OP, _INT8_ROWS
     if _OP is None and not torch.compiler.is_compiling():
-        _OP = extension() is not None and torch.ops.gemmakit.int8_group_matmul
+        ext = extension()
+        _OP = ext is not None and torch.ops.gemmakit.int8_group_matmul
+        _INT8_ROWS = AMX_ROWS if _OP and ext.has_amx() else VNNI_ROWS
     if not _OP or x.device.type != "cpu":
         return None
-    return _OP(x, w, s, FMA_ROWS, VNNI_ROWS)
+    return _OP(x, w, s, FMA_ROWS, _INT8_ROWS)

@@ -11,6 +11,8 @@
 #include <c10/util/Half.h>
 
 #include <cstring>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -202,6 +204,117 @@ void vnni_rows(const QuantizedRows& xq, const int8_t* w, const c10::Half* s, flo
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define GEMMAKIT_AMX 1
+// -- The same int8 x int8 products on the AMX tile unit (Sapphire Rapids and later) ---------------
+// One TDPBSSD multiplies a 16 x 32 tile of weights (16 weight rows, one group, read in place with
+// the row stride) by 16 activation rows' group, packed as the unit wants them (4 bytes of each
+// row side by side), into 16 x 16 int32 sums: 8192 multiply-adds for one instruction. What is
+// left for the vector units is each group's scaling, so the loop runs at memory speed where the
+// VNNI loop was bound by arithmetic.
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the tile registers only to a process that asks (once, for all its threads).
+bool amx_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+}
+
+struct TiledRows {
+  std::vector<int8_t> b;     // (chunks of 16 rows, G, 8, 16 rows x 4 bytes), rows past M zero
+  std::vector<float> scale;  // (chunks, G, 16)
+  int64_t chunks;
+};
+
+inline TiledRows tile_rows(const QuantizedRows& xq, int64_t M, int64_t K) {
+  const int64_t G = K / kGroup, chunks = (M + 15) / 16;
+  TiledRows out{std::vector<int8_t>(chunks * G * 512, 0), std::vector<float>(chunks * G * 16, 0.f), chunks};
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t c = m / 16, i = m % 16;
+    for (int64_t g = 0; g < G; ++g) {
+      int8_t* b = out.b.data() + (c * G + g) * 512 + 4 * i;
+      const int8_t* q = xq.q.data() + m * K + g * kGroup;
+      for (int64_t kk = 0; kk < 8; ++kk) std::memcpy(b + 64 * kk, q + 4 * kk, 4);
+      out.scale[(c * G + g) * 16 + i] = xq.scale[m * G * 8 + g * 8];
+    }
+  }
+  return out;
+}
+
+// The sums of up to 4 groups at once, each in its own tile (tmm0-3, with two pairs of operand
+// tiles taking turns), so the unit works on one while the next loads; then stored to out
+// (count, 16, 16). (The tile intrinsics paste register numbers into assembly: literals only.)
+#define GEMMAKIT_GROUP_TILE(T, A, B, wg, bg) \
+  _tile_zero(T);                             \
+  _tile_loadd(A, wg, K);                     \
+  _tile_loadd(B, bg, 64);                    \
+  _tile_dpbssd(T, A, B)
+
+inline void group_sums(const int8_t* w, int64_t K, const int8_t* b, int count, int32_t* out) {
+  GEMMAKIT_GROUP_TILE(0, 4, 6, w, b);
+  if (count > 1) { GEMMAKIT_GROUP_TILE(1, 5, 7, w + kGroup, b + 512); }
+  if (count > 2) { GEMMAKIT_GROUP_TILE(2, 4, 6, w + 2 * kGroup, b + 1024); }
+  if (count > 3) { GEMMAKIT_GROUP_TILE(3, 5, 7, w + 3 * kGroup, b + 1536); }
+  _tile_stored(0, out, 64);
+  if (count > 1) _tile_stored(1, out + 256, 64);
+  if (count > 2) _tile_stored(2, out + 512, 64);
+  if (count > 3) _tile_stored(3, out + 768, 64);
+}
+
+// Weight rows n0..n1 (multiples of 16) against every activation row.
+void amx_rows(const TiledRows& xt, const int8_t* w, const c10::Half* s, float* y,
+              int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t G = K / kGroup;
+  TileConfig cfg;  // tmm0-3: sums (16 x 16 int32); tmm4-5: weights (16 x 32 bytes); tmm6-7: activations (8 x 64)
+  for (int i = 0; i < 4; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  for (int i = 4; i < 6; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 32;
+  for (int i = 6; i < 8; ++i) cfg.rows[i] = 8, cfg.colsb[i] = 64;
+  _tile_loadconfig(&cfg);  // per thread: tiles are registers
+  alignas(64) int32_t sums[2][4][16][16];
+  std::vector<float> ws(16 * G);
+  const __m512i down = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+  for (int64_t n = n0; n < n1; n += 16) {
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t g = 0; g < G; ++g) ws[r * G + g] = static_cast<float>(s[(n + r) * G + g]);
+    const int8_t* wn = w + n * K;
+    for (int64_t c = 0; c < xt.chunks; ++c) {
+      const int8_t* bc = xt.b.data() + c * G * 512;
+      const float* xsc = xt.scale.data() + c * G * 16;
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+      // Software pipeline: the tiles of groups g + 4 .. g + 7 are under way while the vector
+      // units scale and add the sums of groups g .. g + 3.
+      group_sums(wn, K, bc, static_cast<int>(std::min<int64_t>(4, G)), &sums[0][0][0][0]);
+      for (int64_t g = 0; g < G; g += 4) {
+        const int count = static_cast<int>(std::min<int64_t>(4, G - g));
+        if (g + 4 < G)
+          group_sums(wn + (g + 4) * kGroup, K, bc + (g + 4) * 512, static_cast<int>(std::min<int64_t>(4, G - g - 4)),
+                     &sums[(g / 4 + 1) % 2][0][0][0]);
+        if (c == 0)  // the next block's 16 * K bytes, a share each round
+          for (int l = 0; l < 8 * count; ++l) _mm_prefetch(reinterpret_cast<const char*>(wn + 16 * K + g * 512 + 64 * l), _MM_HINT_T0);
+        for (int j = 0; j < count; ++j) {
+          const __m512 xs = _mm512_loadu_ps(xsc + (g + j) * 16);
+          for (int r = 0; r < 16; ++r)
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[(g / 4) % 2][j][r])), xs),
+                                     _mm512_set1_ps(ws[r * G + g + j]), acc[r]);
+        }
+      }
+      // acc[r] holds column n + r for activation rows 16c ... 16c + 15
+      alignas(64) float cols[16][16];  // [r][m], read back a row m (16 columns) at a time
+      for (int r = 0; r < 16; ++r) _mm512_store_ps(cols[r], acc[r]);
+      for (int64_t m = 0; m < std::min<int64_t>(16, M - 16 * c); ++m)
+        _mm512_storeu_ps(y + (16 * c + m) * N + n, _mm512_i32gather_ps(down, &cols[0][m], 4));
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // Rows of w, times their scales, as bfloat16 (rows, K) in out.
 void dequantize_rows(const int8_t* w, const c10::Half* s, c10::BFloat16* out, int64_t rows, int64_t K) {
   const int64_t G = K / kGroup;
@@ -235,26 +348,28 @@ void check_weights(const torch::Tensor& w, const torch::Tensor& s, int64_t K, in
   TORCH_CHECK(s.numel() == w.size(0) * (K / kGroup), "s must hold N * K / 32 scales");
 }
 
-// y (M, N) = x (M, K) w^T for float32 x, split over the weight rows between torch's threads.
-// `prepare(x, w, s, M, N, K)` readies the activations once and returns the work of one task,
-// `work(y, n0, n1)`, which fills columns n0..n1 of y.
+// y (M, N) = x (M, K) w^T for float32 x, split over the weight rows between torch's threads in
+// whole blocks of `block` rows (N a multiple of it). `prepare(x, w, s, M, N, K)` readies the
+// activations once and returns the work of one task, `work(y, n0, n1)`, which fills columns n0..n1 of y.
 template <class Prepare>
 torch::Tensor over_weight_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
-                               int64_t multiple, Prepare prepare) {
+                               int64_t multiple, int64_t block, Prepare prepare) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   check_weights(w, s, K, multiple);
+  TORCH_CHECK(N % block == 0, "w must have a multiple of ", block, " rows");
   const auto work = prepare(x.data_ptr<float>(), w.data_ptr<int8_t>(), s.data_ptr<c10::Half>(), M, N, K);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   // A task of at least ~64 KiB of weights, in blocks of 4 rows: smaller ones cost more in scheduling than they save.
   const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { work(yp, n0, n1); });
+  at::parallel_for(0, N / block, (grain + block - 1) / block,
+                   [&](int64_t b0, int64_t b1) { work(yp, b0 * block, b1 * block); });
   return y;
 }
 
 torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
-  return over_weight_rows(x, w, s, kGroup, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+  return over_weight_rows(x, w, s, kGroup, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
                                               int64_t M, int64_t N, int64_t K) {
     return [=](float* yp, int64_t n0, int64_t n1) { rows(xp, wp, sp, yp, M, N, K, n0, n1); };
   });
@@ -297,9 +412,32 @@ bool has_vnni() {
 #endif
 }
 
+// Whether this build has the tile loop (AMX-INT8) and the OS lets this process use it.
+bool has_amx() {
+#ifdef GEMMAKIT_AMX
+  return amx_granted();
+#else
+  return false;
+#endif
+}
+
+torch::Tensor amx_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+#ifdef GEMMAKIT_AMX
+  TORCH_CHECK(amx_granted(), "the OS did not grant this process the AMX tile registers");
+  return over_weight_rows(x, w, s, kGroup, 16, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+                                                  int64_t M, int64_t N, int64_t K) {
+    return [xt = tile_rows(quantize_rows(xp, M, K), M, K), wp, sp, M, N, K](float* yp, int64_t n0, int64_t n1) {
+      amx_rows(xt, wp, sp, yp, M, N, K, n0, n1);
+    };
+  });
+#else
+  TORCH_CHECK(false, "built without AMX-INT8");
+#endif
+}
+
 torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-  return over_weight_rows(x, w, s, 2 * kGroup, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+  return over_weight_rows(x, w, s, 2 * kGroup, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
                                                   int64_t M, int64_t N, int64_t K) {
     return [xq = quantize_rows(xp, M, K), wp, sp, M, N, K](float* yp, int64_t n0, int64_t n1) {
       vnni_rows(xq, wp, sp, yp, M, N, K, n0, n1);
@@ -311,20 +449,21 @@ torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const 
 }
 
 // The op torch sees (eager and compiled alike, no Python in between): the FMA loop up to
-// fma_rows activation rows, int8 dot products up to vnni_rows (where the CPU has them and K is a
-// multiple of 64), the dense blocks above.
+// fma_rows activation rows, int8 activations up to int8_rows (the AMX loop where the CPU and OS
+// offer it and N is a multiple of 16, else VNNI where K is a multiple of 64), the dense blocks above.
 torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
-                                int64_t fma_rows, int64_t vnni_rows) {
+                                int64_t fma_rows, int64_t int8_rows) {
   TORCH_CHECK(x.dim() == 2, "x: (M, K)");
   const int64_t M = x.size(0);
   if (M <= fma_rows) return fma_matmul(x.to(torch::kFloat).contiguous(), w, s);
-  if (has_vnni() && M <= vnni_rows && x.size(1) % (2 * kGroup) == 0)
+  if (M <= int8_rows && has_amx() && w.size(0) % 16 == 0) return amx_matmul(x.to(torch::kFloat).contiguous(), w, s);
+  if (M <= int8_rows && has_vnni() && x.size(1) % (2 * kGroup) == 0)
     return vnni_matmul(x.to(torch::kFloat).contiguous(), w, s);
   return dense_matmul(x, w, s);
 }
 
 TORCH_LIBRARY(gemmakit, m) {
-  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows, int vnni_rows) -> Tensor");
+  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows, int int8_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gemmakit, CPU, m) {
@@ -333,6 +472,8 @@ TORCH_LIBRARY_IMPL(gemmakit, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the op above is the interface; these are for tests
   m.def("has_vnni", &has_vnni);
+  m.def("has_amx", &has_amx);
+  m.def("amx_matmul", &amx_matmul);
   m.def("vnni_matmul", &vnni_matmul);
   m.def("fma_matmul", &fma_matmul);
 }
