@@ -3,8 +3,9 @@
 //
 // Decoding multiplies one or a few activation rows by every weight, so the time is the time to
 // stream the weights from memory: one byte per weight here against two for bfloat16 and four for
-// float32. Activations stay float32 (no activation quantization, so the only error is the
-// weights'). Each weight row is read once for all activation rows (they stay in L1).
+// float32. For one conversation's few rows activations stay float32 (the FMA loop: the only error
+// is the weights'), and each weight row is read once for all of them (they stay in L1). Many
+// streams at once round the activations to int8 too (the VNNI and AMX loops further down).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
