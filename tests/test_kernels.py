@@ -1,5 +1,7 @@
 """gemmakit's own int8 kernel against a float64 reference, on the shapes its loops split on."""
 
+import os
+
 import pytest
 import torch
 
@@ -101,3 +103,17 @@ def test_int8_activation_loops_are_exact_for_the_activations_they_quantize(loop,
     expected = reference(rounded, w, s)
     assert ((y.double() - expected).abs().max() / expected.abs().max()) < 1e-5
     assert ((y.double() - reference(x, w, s)).abs().max() / expected.abs().max()) > 1e-4  # it did round
+
+
+def test_gemmakit_no_amx_keeps_the_kernel_off_the_tile_unit():
+    import subprocess
+    import sys
+
+    code = ("import torch; from gemmakit import kernels; ext = kernels.extension(); "
+            "w = torch.randint(-127, 128, (64, 64), dtype=torch.int8); s = torch.full((64, 2), 0.01).half(); "
+            "x = torch.randn(16, 64); y = kernels.int8_group_matmul(x, w, s); "
+            "ref = x.double() @ (w.double() * 0.01).t(); "
+            "print(ext.has_amx(), kernels._INT8_ROWS, float((y.double() - ref).abs().max() / ref.abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GEMMAKIT_NO_AMX": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and int(out[1]) == kernels.VNNI_ROWS and float(out[2]) < 1e-2

@@ -7,6 +7,7 @@ per-channel one (`_weight_int8pack_mm`) reads the weights at under half of memor
 The C++ source is built once with `-march=native` by torch's extension loader (about 30 s,
 cached under ~/.cache/torch_extensions). Where it cannot be built (no compiler) or
 GEMMAKIT_NO_KERNELS=1, `int8_group_matmul` returns None and callers use plain torch instead.
+GEMMAKIT_NO_AMX=1 keeps the kernel off the AMX tile unit (VNNI takes its rows).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <vector>
@@ -413,10 +415,12 @@ bool has_vnni() {
 #endif
 }
 
-// Whether this build has the tile loop (AMX-INT8) and the OS lets this process use it.
+// Whether this build has the tile loop (AMX-INT8), the OS lets this process use it, and
+// GEMMAKIT_NO_AMX=1 does not turn it off (for a machine that advertises AMX and then faults on it).
 bool has_amx() {
 #ifdef GEMMAKIT_AMX
-  return amx_granted();
+  static const bool off = [] { const char* v = std::getenv("GEMMAKIT_NO_AMX"); return v && std::string(v) == "1"; }();
+  return !off && amx_granted();
 #else
   return false;
 #endif
