@@ -152,6 +152,8 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--dtype", default="float32", help="gemmakit's weights (llama.cpp computes on the GGUF's own)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="gemmakit's weight-only quantization")
+    p.add_argument("--compile", action="store_true", help="gemmakit serve --compile (torch.compile'd decode step)")
     p.add_argument("--servers", nargs="+", default=["gemmakit", "llama.cpp"], choices=["gemmakit", "llama.cpp"])
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     p.add_argument("--no-extra-buffers", action="store_true",
@@ -167,7 +169,9 @@ def main() -> int:
     commands = {
         "gemmakit": lambda port: [sys.executable, "-m", "gemmakit.cli", "serve", "--model", args.model,
                                   "--port", str(port), "--threads", str(args.threads), "--dtype", args.dtype,
-                                  "--max-batch", str(max(args.clients)), "--context", str(context)],
+                                  "--max-batch", str(max(args.clients)), "--context", str(context)]
+                                 + (["--quantize", args.quantize] if args.quantize else [])
+                                 + (["--compile"] if args.compile else []),
         "llama.cpp": lambda port: [sys.executable, "-c", LLAMA_NO_EXTRA_BUFFERS if args.no_extra_buffers else
                                    "from llama_cpp.server.__main__ import main; main()", "--model", args.model,
                                    "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
@@ -193,11 +197,13 @@ def main() -> int:
                 stop(proc)
 
     ours = {r["clients"]: r for n, r in rows if n == "gemmakit"}
+    weights = (f"{args.quantize} weights (`--quantize {args.quantize}`), {args.dtype} activations" if args.quantize
+               else f"dequantized to {args.dtype}") + (", `--compile`" if args.compile else "")
     lines = ["## Serving: gemmakit vs llama.cpp's OpenAI server", "",
              f"`python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}` on "
              f"{platform.machine()} with {os.cpu_count()} CPUs ({platform.processor() or platform.platform()}), "
-             f"{time.strftime('%Y-%m-%d')}. Model: `{Path(args.model).name}` (gemmakit dequantizes it to "
-             f"{args.dtype}; llama.cpp runs the quantized weights). Each client sends greedy "
+             f"{time.strftime('%Y-%m-%d')}. Model: `{Path(args.model).name}` (gemmakit: {weights}; llama.cpp "
+             f"runs the GGUF's own quantized weights). Each client sends greedy "
              f"`/v1/completions` requests of {args.max_tokens} tokens back to back, "
              f"{args.requests_per_client} per client; tokens/s counts completion tokens over the wall time. "
              f"Load average before the run: {load_before:.1f} (other work on the box skews absolute numbers).",
