@@ -117,3 +117,17 @@ def test_gemmakit_no_amx_keeps_the_kernel_off_the_tile_unit():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GEMMAKIT_NO_AMX": "1"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "False" and int(out[1]) == kernels.VNNI_ROWS and float(out[2]) < 1e-2
+
+
+def test_argmax_rows_is_torchs_first_maximum():
+    ext = kernels.extension()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 1000, generator=g)
+    x[0, [10, 900]] = 99.0  # equal maxima: the first
+    x[1, [700, 5]] = float("nan")  # NaN is the maximum, the first NaN
+    x[2] = 1.0  # all equal
+    x[3, 999] = 50.0  # in the scalar tail (1000 = 62 * 16 + 8)
+    assert ext.argmax_rows(x).tolist() == x.max(-1).indices.tolist() == [10, 5, 0, 999, int(x[4].argmax())]
+    view = torch.randn(3, 40, generator=g)[:, :33]  # rows with a stride, as the engine's vocab slice
+    assert torch.equal(ext.argmax_rows(view), view.max(-1).indices)
+    assert kernels.argmax(x.double()) is None  # torch does other dtypes

@@ -35,7 +35,15 @@ def test_replace_rejects_unknown_fields():
         Sampling().replace(temprature=0.5)
 
 
-def test_greedy_rows_take_the_argmax_and_leave_logits_alone():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_greedy_rows_take_the_argmax_and_leave_logits_alone(kernel, monkeypatch):
+    from gemmakit import kernels
+
+    if kernel:  # the argmax kernel serves once the int8 kernel is loaded
+        assert kernels.int8_group_matmul(torch.randn(1, 32), torch.ones(1, 32, dtype=torch.int8),
+                                         torch.ones(1, 1).half()) is not None
+    else:
+        monkeypatch.setattr(kernels, "_OP", False)
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
     before = logits.clone()
     s = [Sampling(), Sampling(temperature=1.0, seed=1), Sampling(), Sampling(temperature=0.5, top_k=3, seed=2)]

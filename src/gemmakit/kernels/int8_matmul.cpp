@@ -453,6 +453,58 @@ torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const 
 #endif
 }
 
+// The index of each row's largest value, the first of equal ones and the first NaN where there is
+// one (torch's max(-1).indices), for greedy decoding: torch's max with indices reads the 262k
+// logits of a row at ~1 GB/s (3.5 ms for 16 rows); its max without them runs 8x faster. So: the
+// maximum first, vectorized, then the first place it occurs.
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1 && x.size(1) > 0,
+              "x: float32 (M, N) with unit stride along N, N > 0");
+  const int64_t M = x.size(0), N = x.size(1), stride = x.stride(0);
+  auto out = torch::empty({M}, torch::kLong);
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = xp + m * stride;
+      float best = r[0];
+      bool nan = false;
+      int64_t n = 0;
+#ifdef __AVX512F__
+      __m512 vbest = _mm512_set1_ps(r[0]);
+      __mmask16 vnan = 0;
+      for (; n + 16 <= N; n += 16) {
+        const __m512 v = _mm512_loadu_ps(r + n);
+        vnan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vbest = _mm512_max_ps(vbest, v);
+      }
+      best = _mm512_reduce_max_ps(vbest);
+      nan = vnan != 0;
+#endif
+      for (; n < N; ++n) {
+        nan |= std::isnan(r[n]);
+        best = std::max(best, r[n]);
+      }
+      int64_t at = 0;
+#ifdef __AVX512F__
+      const __m512 target = _mm512_set1_ps(best);
+      for (; at + 16 <= N; at += 16) {
+        const __m512 v = _mm512_loadu_ps(r + at);
+        const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        if (hit) {
+          at += __builtin_ctz(hit);
+          break;
+        }
+      }
+#endif
+      for (; at < N; ++at)
+        if (nan ? std::isnan(r[at]) : r[at] == best) break;
+      op[m] = at;
+    }
+  });
+  return out;
+}
+
 // The op torch sees (eager and compiled alike, no Python in between): the FMA loop up to
 // fma_rows activation rows, int8 activations up to int8_rows (the AMX loop where the CPU and OS
 // offer it and N is a multiple of 16, else VNNI where K is a multiple of 64), the dense blocks above.
@@ -478,6 +530,7 @@ TORCH_LIBRARY_IMPL(gemmakit, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the op above is the interface; these are for tests
   m.def("has_vnni", &has_vnni);
   m.def("has_amx", &has_amx);
+  m.def("argmax_rows", &argmax_rows);
   m.def("amx_matmul", &amx_matmul);
   m.def("vnni_matmul", &vnni_matmul);
   m.def("fma_matmul", &fma_matmul);
