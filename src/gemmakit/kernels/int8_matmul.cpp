@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
