@@ -22,6 +22,9 @@ def test_bench_command_reports_every_figure(capsys, extra):
         assert result[key] > 0, key
     assert result["dtype"] == "float32"  # int8 runs float32 activations too
     assert result["quantize"] == (extra[1] if extra else None)
+    assert ("int8_kernel" in result) == bool(extra)  # which loops this machine runs int8 on
+    if extra:
+        assert result["int8_kernel"].startswith("float32 FMA up to 4 rows")
 
 
 def test_bench_rejects_a_non_positive_count(capsys):

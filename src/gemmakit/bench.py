@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> dict:
     result = {"model": str(lm.source), "dtype": str(lm.dtype).removeprefix("torch."), "quantize": args.quantize,
               "threads": torch.get_num_threads(), "load_s": time.perf_counter() - start,
               "weights_mb": lm.nbytes() / 2**20}
+    if args.quantize == "int8":
+        from . import kernels
+
+        result["int8_kernel"] = kernels.describe()
     result.update(measure(lm, args.prefill_tokens, args.decode_tokens, tuple(args.batch_sizes)))
     return result
 
@@ -79,6 +83,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print(f"model        {result['model']}  ({result['dtype']}{', ' + result['quantize'] if result['quantize'] else ''}, "
           f"{result['threads']} threads, {result['weights_mb']:.0f} MiB of weights)")
+    if "int8_kernel" in result:
+        print(f"int8 kernel  {result['int8_kernel']}")
     print(f"prefill      {result['prefill_tok_s']:8.1f} tok/s  ({result['prefill_tokens']} tokens)")
     for n in args.batch_sizes:
         print(f"decode b{n:<3} {result[f'decode_b{n}_tok_s']:8.1f} tok/s" + (f"  ({n} streams, total)" if n > 1 else ""))

@@ -83,6 +83,20 @@ def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torc
     return _OP(x, w, s, FMA_ROWS, _INT8_ROWS)
 
 
+def describe() -> str:
+    """Which loop takes how many activation rows on this machine (for `gemmakit bench`)."""
+    ext = extension()
+    if ext is None:
+        return "none: plain torch (no compiler, or GEMMAKIT_NO_KERNELS=1)"
+    if ext.has_amx():
+        many = f", AMX int8 up to {AMX_ROWS}"
+    elif ext.has_vnni():
+        many = f", VNNI int8 up to {VNNI_ROWS}"
+    else:
+        many = ""
+    return f"float32 FMA up to {FMA_ROWS} rows{many}, bfloat16 blocks above"
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor | None:
     """The first index of each row's maximum (torch's `x.max(-1).indices`) for float32 CPU rows
     (M, N), 6-8x faster than torch here; None where torch should do it: other dtypes, or the kernel
