@@ -27,6 +27,7 @@ GEMMAKIT = {  # name -> `gemmakit bench` arguments
     "gemmakit-bfloat16": ["--dtype", "bfloat16"],
     "gemmakit-int8": ["--quantize", "int8"],
     "gemmakit-int8-compiled": ["--quantize", "int8", "--compile"],
+    "gemmakit-int8-aot": ["--quantize", "int8", "--compile", "aot"],
     "gemmakit-int4": ["--quantize", "int4"],
 }
 PEERS = ["llama.cpp", "transformers-float32", "transformers-bfloat16"]

@@ -45,7 +45,8 @@ class KVCache:
 
     def span(self, sliding: bool) -> int:
         """How many slots attention reads: the used ones (slots fill from 0 until the ring wraps)."""
-        return min(self.length(sliding), self._extent[0])
+        # sym_min: under export the extent is a symbol, which a plain min() would pin to one side
+        return torch.sym_min(self.length(sliding), self._extent[0])
 
     def positions(self, sliding: bool) -> torch.Tensor:
         return self.pos[sliding][:, :self.span(sliding)]  # (B, S)

@@ -29,8 +29,10 @@ def add_model_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
     if compile:
-        p.add_argument("--compile", action="store_true",
-                       help="torch.compile the decode step: faster tokens after about a minute of compiling on first use")
+        p.add_argument("--compile", nargs="?", const="torch", choices=["torch", "aot"], default=False,
+                       help="compile the decode step: faster tokens after about a minute of compiling on first use; "
+                            "`--compile aot`: ahead of time (AOTInductor, no Python left in a step; the compiled "
+                            "step is cached on disk)")
 
 
 def load_model(args: argparse.Namespace, progress: bool = True):

@@ -80,21 +80,30 @@ class Delta(NamedTuple):
 
 class Engine:
     def __init__(self, module: Gemma, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None, compile: bool = False):
+                 max_len: int | None = None, compile: bool | str = False):
         config = module.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not isinstance(max_batch, int) or max_batch < 1:
             raise GenerationError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_len, int) or not 1 <= max_len <= config.max_seq_len:
             raise GenerationError(f"max_len must be in [1, {config.max_seq_len}] (the model's context), got {max_len!r}")
+        if compile not in (False, None, True, "torch", "aot"):
+            raise GenerationError(f"compile must be False, True/'torch' or 'aot', got {compile!r}")
         self.module = module.eval()
         # Decode steps run the same few hundred small ops every token: compiled, their Python and
-        # dispatch cost mostly goes (prefill, a few large ops per chunk, stays eager).
-        self._decode = functools.partial(compiled_forward(), self.module) if compile else self.module
+        # dispatch cost mostly goes (prefill, a few large ops per chunk, stays eager). "aot": the
+        # step compiled ahead of time, with no Python left in it (see aot.py).
+        self._decode = functools.partial(compiled_forward(), self.module) if compile in (True, "torch") else self.module
         self.tokenizer = tokenizer
         weight = module.embed.weight
         self.device = weight.device
         self.cache = KVCache(config, max_batch, max_len, dtype=weight.dtype, device=weight.device)
+        self._aot = None
+        if compile == "aot":
+            from . import aot
+
+            self._aot = aot.build(module, self.cache)
+            self.cache.reset()  # building ran the step once on rows 0-1
         # Rows [0, n) hold the active requests in order; a finished row swaps with the last active
         # one, so a decode step always runs on a contiguous view of the cache.
         self._rows: list[Request | None] = [None] * max_batch
@@ -179,7 +188,11 @@ class Engine:
         tokens = torch.tensor([[r._next] for r in active], device=self.device)  # (n, 1)
         positions = torch.tensor([[r._length] for r in active], device=self.device)  # (n, 1)
         cache = self.cache.rows_view(0, len(active)).reserve(max(r._length for r in active) + 1)
-        logits = self._decode(tokens, positions, cache, last_only=True)[:, -1]  # (n, V)
+        span = self.cache._extent[0]
+        if self._aot is not None and self._aot.usable(span):
+            logits = self._aot(tokens, positions, span)[:, -1]  # (n, V)
+        else:
+            logits = self._decode(tokens, positions, cache, last_only=True)[:, -1]
         logits = logits[:, :self._vocab]  # a padded embedding's extra rows are not tokens
         penalized = [r.prompt_ids + r.output_ids if r.sampling.repetition_penalty else None for r in active]
         chosen = next_tokens(logits, [r.sampling for r in active], [r._generator for r in active], penalized).tolist()

@@ -16,7 +16,7 @@ Prompt = str | Sequence[int]
 
 
 class LM:
-    def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = "", compile: bool = False):
+    def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = "", compile: bool | str = False):
         self.module = module
         self.tokenizer = tokenizer
         self.source = source
