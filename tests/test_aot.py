@@ -4,11 +4,13 @@ once per shape and read from disk after that."""
 
 import time
 
+import pytest
 import torch
 
 from gemmakit import aot
 from gemmakit import quantize as Q
 from gemmakit.engine import Engine
+from gemmakit.errors import GenerationError
 
 from test_fast_paths import greedy_margin  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 from test_quantize import TINY3, tiny_model  # noqa: E402
@@ -52,3 +54,11 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
 def test_aot_steps_outside_its_span_fall_back_to_eager():
     step = aot.AOTDecode(runner=None, max_span=39)
     assert step.usable(2) and step.usable(39) and not step.usable(1) and not step.usable(40)
+
+
+def test_aot_rejects_what_it_cannot_build():
+    model = tiny_model(TINY3, seed=5)
+    with pytest.raises(GenerationError, match="at least 4 positions"):
+        Engine(model, None, max_batch=1, max_len=3, compile="aot")
+    with pytest.raises(GenerationError, match="compile must be"):
+        Engine(model, None, max_batch=1, max_len=8, compile="yes")

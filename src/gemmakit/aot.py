@@ -81,6 +81,12 @@ def build(module: Gemma, cache: KVCache) -> AOTDecode:
 
     from .default_model import cache_dir
 
+    from .errors import GenerationError
+
+    if cache.k[0].device.type != "cpu":
+        raise GenerationError("compile='aot' builds the decode step for the CPU; use compile=True on other devices")
+    if min(cache.max_len, cache.ring) < 4:
+        raise GenerationError(f"compile='aot' needs a cache of at least 4 positions, got {cache.max_len}")
     step = _Step(module, cache)
     # Spans from 2 to one short of the sliding layers' ring (or of max_len): at the ring, slicing
     # it to min(ring, span) would pin the span to one side. Longer conversations step eagerly.
