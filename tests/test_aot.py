@@ -62,3 +62,15 @@ def test_aot_rejects_what_it_cannot_build():
         Engine(model, None, max_batch=1, max_len=3, compile="aot")
     with pytest.raises(GenerationError, match="compile must be"):
         Engine(model, None, max_batch=1, max_len=8, compile="yes")
+
+
+def test_lm_rounds_an_aot_engines_cache_up_so_that_jobs_share_a_package(monkeypatch):
+    import gemmakit
+
+    lm = gemmakit.load("gemma-tiny")
+    lm.compile = "aot"
+    monkeypatch.setattr(aot, "build", lambda module, cache: aot.AOTDecode(None, 0))  # shapes only
+    assert lm._engine(1, 20).cache.max_len == 256
+    assert lm._engine(1, 300).cache.max_len == min(512, lm.config.max_seq_len)
+    lm.compile = False
+    assert lm._engine(1, 20).cache.max_len == 20

@@ -97,7 +97,10 @@ class LM:
     def _engine(self, max_batch: int, needed: int):
         from .engine import Engine
 
-        # Size the cache for the job: the decode step attends over every slot of it.
+        # Size the cache for the job (its memory is allocated up front). An AOT step is
+        # compiled per cache shape: a power of two (>= 256) lets jobs of similar size share one.
+        if self.compile == "aot":
+            needed = max(256, 1 << (needed - 1).bit_length())
         return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=min(needed, self.config.max_seq_len),
                       compile=self.compile)
 
