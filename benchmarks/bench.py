@@ -37,7 +37,8 @@ def figures(batch_sizes) -> list[tuple[str, str, str]]:
     """(result key, column label, format) for every column of the table."""
     return ([("prefill_tok_s", "prefill tok/s", "{:.0f}")]
             + [(f"decode_b{n}_tok_s", f"decode b{n} tok/s", "{:.1f}") for n in batch_sizes]
-            + [("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}")])
+            + [("load_s", "load s", "{:.2f}"), ("peak_rss_mb", "peak RSS MiB", "{:.0f}"),
+               ("rss_ratio", "RSS / (weights + KV)", "{:.2f}")])
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:

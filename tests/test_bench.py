@@ -18,8 +18,9 @@ def test_bench_command_reports_every_figure(capsys, extra):
                  "--decode-tokens", "2", "--batch-sizes", "1,3", "--json", *extra])
     result = json.loads(capsys.readouterr().out)
     assert code == 0
-    for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b3_tok_s", "load_s", "peak_rss_mb", "weights_mb"):
+    for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b3_tok_s", "load_s", "peak_rss_mb", "weights_mb", "kv_mb"):
         assert result[key] > 0, key
+    assert result["rss_ratio"] == result["peak_rss_mb"] / (result["weights_mb"] + result["kv_mb"])
     assert result["dtype"] == "float32"  # int8 runs float32 activations too
     assert result["quantize"] == (extra[1] if extra else None)
     assert ("int8_kernel" in result) == bool(extra)  # which loops this machine runs int8 on

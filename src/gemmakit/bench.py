@@ -37,6 +37,7 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     out = {"prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens}
 
     engine = Engine(lm.module, None, max_batch=1, max_len=prefill_tokens + 2)
+    kv = engine.cache.nbytes()
     engine.add(prompt[:9], max_new_tokens=1)  # warm-up: first calls allocate and pick kernels
     engine.step()
     start = time.perf_counter()
@@ -46,6 +47,7 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
 
     for n in batch_sizes:
         engine = Engine(lm.module, None, max_batch=n, max_len=32 + decode_tokens + 4, compile=lm.compile)
+        kv = max(kv, engine.cache.nbytes())
         for row in range(n):
             engine.add(prompt[row:row + 32], max_new_tokens=decode_tokens + 4)
         for _ in range(3):  # warm-up steps
@@ -55,6 +57,7 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
             engine.step()
         out[f"decode_b{n}_tok_s"] = n * decode_tokens / (time.perf_counter() - start)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["kv_mb"] = kv / 2**20  # the largest cache the run held
     return out
 
 
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
 
         result["int8_kernel"] = kernels.describe()
     result.update(measure(lm, args.prefill_tokens, args.decode_tokens, tuple(args.batch_sizes)))
+    result["rss_ratio"] = result["peak_rss_mb"] / (result["weights_mb"] + result["kv_mb"])
     return result
 
 
@@ -89,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for n in args.batch_sizes:
         print(f"decode b{n:<3} {result[f'decode_b{n}_tok_s']:8.1f} tok/s" + (f"  ({n} streams, total)" if n > 1 else ""))
     print(f"load         {result['load_s']:8.2f} s")
-    print(f"peak RSS     {result['peak_rss_mb']:8.0f} MiB")
+    print(f"peak RSS     {result['peak_rss_mb']:8.0f} MiB  ({result['rss_ratio']:.2f}x weights + KV cache)")
     return 0
 
 
