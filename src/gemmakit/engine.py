@@ -188,7 +188,7 @@ class Engine:
         tokens = torch.tensor([[r._next] for r in active], device=self.device)  # (n, 1)
         positions = torch.tensor([[r._length] for r in active], device=self.device)  # (n, 1)
         cache = self.cache.rows_view(0, len(active)).reserve(max(r._length for r in active) + 1)
-        span = self.cache._extent[0]
+        span = self.cache.span(False)  # slots the step reads: the global layers' (the ring's follow from it)
         if self._aot is not None and self._aot.usable(span):
             logits = self._aot(tokens, positions, span)[:, -1]  # (n, V)
         else:
