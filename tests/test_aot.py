@@ -2,8 +2,6 @@
 model's own greedy choices, its writes land in the engine's cache, and the package is compiled
 once per shape and read from disk after that."""
 
-import time
-
 import pytest
 import torch
 
@@ -46,12 +44,10 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(torch.export, "export", no_export)
-    start = time.perf_counter()
     Engine(model, None, max_batch=3, max_len=40, compile="aot")  # same shapes: the package on disk
-    assert time.perf_counter() - start < 30
 
 
-def test_aot_steps_outside_its_span_fall_back_to_eager():
+def test_aot_step_takes_spans_from_2_to_its_max():
     step = aot.AOTDecode(runner=None, max_span=39)
     assert step.usable(2) and step.usable(39) and not step.usable(1) and not step.usable(40)
 

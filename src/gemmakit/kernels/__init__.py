@@ -77,10 +77,14 @@ def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torc
     if _OP is None and not torch.compiler.is_compiling():
         ext = extension()
         _OP = ext is not None and torch.ops.gemmakit.int8_group_matmul
-        _INT8_ROWS = AMX_ROWS if _OP and ext.has_amx() else VNNI_ROWS
+        _INT8_ROWS = _int8_rows(ext) if _OP else VNNI_ROWS
     if not _OP or x.device.type != "cpu":
         return None
     return _OP(x, w, s, FMA_ROWS, _INT8_ROWS)
+
+
+def _int8_rows(ext) -> int:
+    return AMX_ROWS if ext.has_amx() else VNNI_ROWS
 
 
 def describe() -> str:
@@ -88,12 +92,8 @@ def describe() -> str:
     ext = extension()
     if ext is None:
         return "none: plain torch (no compiler, or GEMMAKIT_NO_KERNELS=1)"
-    if ext.has_amx():
-        many = f", AMX int8 up to {AMX_ROWS}"
-    elif ext.has_vnni():
-        many = f", VNNI int8 up to {VNNI_ROWS}"
-    else:
-        many = ""
+    loop = "AMX" if ext.has_amx() else "VNNI" if ext.has_vnni() else None
+    many = f", {loop} int8 up to {_int8_rows(ext)}" if loop else ""
     return f"float32 FMA up to {FMA_ROWS} rows{many}, bfloat16 blocks above"
 
 
