@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast on both sides (`gemmakit train --bf16`)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip gemmakit under torch.compile (which spends ~30 s compiling first)")
     args = ap.parse_args()
@@ -63,19 +64,24 @@ def main() -> None:
         compiled = torch.compile(ours_c)
         opts["gemmakit, compiled"] = adamw(ours_c.parameters())
 
+    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
     def step_ours(x, y):
-        loss = ours(x, targets=y) / y.numel()
+        with autocast():
+            loss = ours(x, targets=y) / y.numel()
         loss.backward()
         return loss
 
     def step_theirs(x, y):
-        loss = theirs(input_ids=x, labels=None, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(loss.flatten(0, 1), y.flatten())
+        with autocast():
+            loss = theirs(input_ids=x, labels=None, use_cache=False).logits.float()
+            loss = torch.nn.functional.cross_entropy(loss.flatten(0, 1), y.flatten())
         loss.backward()
         return loss
 
     def step_compiled(x, y):
-        loss = compiled(x, targets=y) / y.numel()
+        with autocast():
+            loss = compiled(x, targets=y) / y.numel()
         loss.backward()
         return loss
 
@@ -100,7 +106,7 @@ def main() -> None:
     tokens_per_step = args.batch_size * args.seq_len
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config: d_model {CONFIG.d_model}, {CONFIG.n_layers} layers, vocab {CONFIG.vocab_size} ({n_params / 1e6:.1f}M "
-          f"parameters); batch {args.batch_size} x {args.seq_len} tokens; fused AdamW; float32; {args.threads} threads; "
+          f"parameters); batch {args.batch_size} x {args.seq_len} tokens; fused AdamW; {'bfloat16 autocast' if args.bf16 else 'float32'}; {args.threads} threads; "
           f"{args.steps} timed steps")
     for name in losses:
         if name != "transformers":

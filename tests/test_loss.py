@@ -42,6 +42,26 @@ def test_loss_and_gradients_equal_the_plain_cross_entropy(softcap, monkeypatch):
         torch.testing.assert_close(loss.linear_cross_entropy(h, w, t, softcap), got.detach())
 
 
+def test_under_autocast_the_products_run_in_bfloat16_like_the_plain_loss(monkeypatch):
+    monkeypatch.setattr(loss, "_rows_per_block", lambda vocab: 128)
+    torch.manual_seed(0)
+    n, d, V = 300, 64, 500
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(V, d, requires_grad=True)
+    t = torch.randint(0, V, (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss.linear_cross_entropy(h, w, t)
+        got.backward()
+        gh, gw = h.grad.clone(), w.grad.clone()
+        h.grad = w.grad = None
+        want = F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")  # what autocast gives the plain way
+        want.backward()
+    assert got.dtype == gw.dtype == gh.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # float32 products would miss by ~1e-4
+    torch.testing.assert_close(gh, h.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw, w.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_model_targets_give_the_loss_of_the_logits():
     config = GemmaConfig(family="gemma2", vocab_size=97, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
                          head_dim=16, ffn_dim=64, max_seq_len=64, final_logit_softcap=30.0)

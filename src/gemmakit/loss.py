@@ -44,9 +44,15 @@ def _block(h, weight, targets, softcap):
 # graphs; ~22 ms a step in benchmarks/train_speed.py); and it needs no torch._dynamo import.
 @torch.library.custom_op("gemmakit::linear_cross_entropy", mutates_args=())
 def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                    want_h: bool, want_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype, want_h: bool, want_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h (N, d), targets (N,) -> summed loss, d loss / d h (N, d) and d loss / d weight (V, d,
-    float32); a gradient not wanted is an empty tensor."""
+    float32); a gradient not wanted is an empty tensor. The matrix products run in `dtype` (the
+    autocast dtype under autocast), the softmax in float32."""
+    with torch.autocast(h.device.type, enabled=False):  # eager autocast would cast every block again
+        return _blocks(h, weight, targets, softcap, dtype, want_h, want_w)
+
+
+def _blocks(h, weight, targets, softcap, dtype, want_h, want_w):
     keep = targets != IGNORE
     kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # chat data: skip the prompt's rows
     hk, tk = (h, targets) if kept is None else (h[kept], targets[kept])
@@ -54,14 +60,18 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else weight.new_empty(0, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     rows = _rows_per_block(weight.shape[0])
+    wc = weight.to(dtype)  # once, not once a block
     for s in range(0, hk.shape[0], rows):
-        hb = hk[s: s + rows]
-        loss, grad = _block(hb, weight, tk[s: s + rows], softcap)
+        hb = hk[s: s + rows].to(dtype)
+        loss, grad = _block(hb, wc, tk[s: s + rows], softcap)
         total += loss
+        grad = grad.to(dtype)
         if want_h:
-            torch.mm(grad.to(weight.dtype), weight, out=grad_hk[s: s + rows])
-        if want_w:
-            grad_w.addmm_(grad.t(), hb.float())
+            grad_hk[s: s + rows] = torch.mm(grad, wc)
+        if dtype == torch.float32 and want_w:
+            grad_w.addmm_(grad.t(), hb)
+        elif want_w:  # no float32-accumulating product for bfloat16 on CPU: sum the blocks' products
+            grad_w += torch.mm(grad.t(), hb)
     if not want_h:
         grad_h = h.new_empty(0)
     elif kept is None:
@@ -72,14 +82,14 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 @_loss_and_grads.register_fake
-def _(h, weight, targets, softcap, want_h, want_w):
+def _(h, weight, targets, softcap, dtype, want_h, want_w):
     return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape if want_h else (0,)),
             weight.new_empty(weight.shape if want_w else (0,), dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
-    ctx.want = inputs[4:6]
+    ctx.want = inputs[5:7]
     ctx.weight_dtype = inputs[1].dtype
 
 
@@ -87,7 +97,7 @@ def _backward(ctx, grad_loss, _grad_h, _grad_w):
     grad_h, grad_w = ctx.saved_tensors
     want_h, want_w = ctx.want
     return (grad_h * grad_loss if want_h else None, (grad_w * grad_loss).to(ctx.weight_dtype) if want_w else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _loss_and_grads.register_autograd(_backward, setup_context=_setup)
@@ -99,9 +109,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     against targets; positions whose target is IGNORE carry no loss.
 
     h (..., d), weight (V, d), targets (...) -> a float32 scalar. Equal to
-    `F.cross_entropy(logits.float(), targets, reduction="sum")` to float tolerance.
+    `F.cross_entropy(logits.float(), targets, reduction="sum")` to float tolerance; under autocast
+    the logits' product runs in the autocast dtype, as `F.linear` would.
     """
     grads = torch.is_grad_enabled()
-    loss, _, _ = _loss_and_grads(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), softcap,
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    loss, _, _ = _loss_and_grads(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), softcap, dtype,
                                  grads and h.requires_grad, grads and weight.requires_grad)
     return loss
