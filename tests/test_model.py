@@ -149,3 +149,16 @@ def test_swap_span_and_chunk_guard():
     close(logits, model(a)[:, 9:])
     with pytest.raises(ValueError, match="max_chunk"):
         model(torch.zeros(1, cache.max_chunk + 1, dtype=torch.long), torch.arange(cache.max_chunk + 1)[None], cache)
+
+
+def test_compiled_gelu_is_the_tanh_gelu():
+    """Under torch.compile gelu_tanh takes its sigmoid form; value and gradient stay F.gelu's."""
+    from gemmakit.model import gelu_tanh
+
+    x = torch.linspace(-12, 12, 4001, requires_grad=True)
+    got = torch.compile(gelu_tanh, fullgraph=True)(x)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    (wx,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)

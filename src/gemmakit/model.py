@@ -93,6 +93,19 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+_GELU_C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation. Under torch.compile it is written as the same function's sigmoid
+    form (0.5 (1 + tanh y) = sigmoid(2y)): inductor's CPU tanh is ~2.5x slower than its exp, and
+    the GeGLU was the largest fused kernel of a compiled training step."""
+    if not torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")  # one eager kernel; the sigmoid form would be five
+    xf = x.float()
+    return (xf * torch.sigmoid(_GELU_C * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
@@ -101,7 +114,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
