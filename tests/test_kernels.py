@@ -1,4 +1,5 @@
-"""gemmakit's own int8 kernel against a float64 reference, on the shapes its loops split on."""
+"""gemmakit's own kernels against float64 references: the int8 product on the shapes its loops
+split on, the argmax, and the training loss's cross-entropy rows."""
 
 import os
 
@@ -23,7 +24,7 @@ def reference(x, w, s):
 
 @pytest.fixture(autouse=True)
 def kernel_built():
-    assert kernels.extension() is not None, "the int8 kernel did not build on this machine"
+    assert kernels.extension() is not None, "gemmakit's kernels did not build on this machine"
 
 
 # rows: 1 and 2 (one pass of the 2-row tile), odd counts (the 1-row tail), the FMA loop's last
@@ -131,3 +132,32 @@ def test_argmax_rows_is_torchs_first_maximum():
     view = torch.randn(3, 40, generator=g)[:, :33]  # rows with a stride, as the engine's vocab slice
     assert torch.equal(ext.argmax_rows(view), view.max(-1).indices)
     assert kernels.argmax(x.double()) is None  # torch does other dtypes
+
+
+# 1003 columns: whole vectors of 16 and a tail; extreme logits (a row of -1e4 with one 1e4)
+# check that exp neither overflows nor loses the maximum's row.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_softmax_cross_entropy_rows_equal_the_float64_loss_and_gradient(dtype, softcap):
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(37, 1003, generator=g) * 6).to(dtype)
+    z[3] = -1e4
+    z[3, 7] = 1e4
+    t = torch.randint(0, 1003, (37,), generator=g)
+    t[3] = 7
+    zz = z.double().requires_grad_()
+    capped = softcap * torch.tanh(zz / softcap) if softcap else zz
+    want = torch.nn.functional.cross_entropy(capped, t, reduction="none")
+    want.sum().backward()
+    grad = z.clone()
+    loss = kernels.softmax_cross_entropy_(grad, t, softcap)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    # float32: the float64 gradient to rounding; bfloat16: to its 8-bit mantissa
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(grad.double(), zz.grad, **tol)
+
+
+def test_softmax_cross_entropy_rejects_targets_outside_the_vocabulary():
+    with pytest.raises(RuntimeError, match="out of"):
+        kernels.softmax_cross_entropy_(torch.zeros(2, 5), torch.tensor([0, 5]), None)

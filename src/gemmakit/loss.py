@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 IGNORE = -100  # the target of positions that carry no loss, as in F.cross_entropy
 
 
@@ -24,7 +26,11 @@ def _rows_per_block(vocab: int) -> int:
 def _block(h, weight, targets, softcap):
     """Logits of one block of rows -> (summed loss, d loss / d logits before the soft-cap).
     Every target is a token: ignored positions were dropped before."""
-    z = F.linear(h, weight).float()  # (n, V)
+    z = F.linear(h, weight)  # (n, V)
+    loss = kernels.softmax_cross_entropy_(z, targets, softcap)  # one pass; the gradient replaces z
+    if loss is not None:
+        return loss.sum(), z
+    z = z.float()
     capped = None
     if softcap is not None:
         capped = torch.tanh(z / softcap)

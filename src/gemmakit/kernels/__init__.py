@@ -3,11 +3,13 @@
 `int8_group_matmul(x, w, s)`: y = x W^T with W int8 (N, K) and a float16 scale per group of 32
 input features (N, K/32) (see int8_matmul.cpp). Torch has no kernel for this layout, and its
 per-channel one (`_weight_int8pack_mm`) reads the weights at under half of memory speed.
+`softmax_cross_entropy_(z, targets, softcap)`: the training loss's per-block cross-entropy and
+its gradient in one pass over the logits (see cross_entropy.cpp).
 
-The C++ source is built once with `-march=native` by torch's extension loader (about 30 s,
-cached under ~/.cache/torch_extensions). Where it cannot be built (no compiler) or
-GEMMAKIT_NO_KERNELS=1, `int8_group_matmul` returns None and callers use plain torch instead.
-GEMMAKIT_NO_AMX=1 keeps the kernel off the AMX tile unit (VNNI takes its rows).
+The C++ sources are built once with `-march=native` by torch's extension loader (about 30 s,
+cached under ~/.cache/torch_extensions). Where they cannot be built (no compiler) or
+GEMMAKIT_NO_KERNELS=1, the functions here return None and callers use plain torch instead.
+GEMMAKIT_NO_AMX=1 keeps the int8 kernel off the AMX tile unit (VNNI takes its rows).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("int8_matmul.cpp")
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "cross_entropy.cpp")]
 # Which loop runs for how many activation rows (output head, 262144 x 640, 2 threads, ms):
 #   rows          1     4     8    16    32    64
 #   FMA loop    8.8   9.3  16.2  34.6  84.1   167
@@ -38,25 +40,25 @@ AMX_ROWS = 64
 
 @lru_cache(maxsize=None)
 def extension():
-    """The built extension module, or None; building it registers torch.ops.gemmakit.int8_group_matmul.
+    """The built extension module, or None; building it registers torch.ops.gemmakit's ops.
     (Its own functions, `fma_matmul`, `vnni_matmul`, `amx_matmul`, `has_vnni` and `has_amx`, are
     there for tests; `argmax_rows` is `argmax` below.)"""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    name = "gemmakit_int8_matmul"
+    name = "gemmakit_kernels"
     built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
-        print("gemmakit: compiling the int8 kernel for this CPU (once, about 30 s)", file=sys.stderr, flush=True)
+        print("gemmakit: compiling its CPU kernels for this machine (once, about 30 s)", file=sys.stderr, flush=True)
     try:
         # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
         # libgomp torch already loaded is the one used, so both share torch's thread pool).
-        module = load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        module = load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        warnings.warn(f"gemmakit: int8 kernel unavailable ({first}); using slower torch ops", stacklevel=3)
+        warnings.warn(f"gemmakit: CPU kernels unavailable ({first}); using slower torch ops", stacklevel=3)
         return None
 
     @torch.library.register_fake("gemmakit::int8_group_matmul")
@@ -104,3 +106,12 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     if not _OP or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1:
         return None
     return extension().argmax_rows(x)
+
+
+def softmax_cross_entropy_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
+    """Each row's cross-entropy of logits z (n, V) (soft-capped first unless softcap is None)
+    against targets (n,), float32 (n,); z is overwritten with d loss / d z. None, z untouched,
+    where torch should do it: not on the CPU, neither float32 nor bfloat16, or no kernels."""
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.bfloat16) or extension() is None:
+        return None
+    return torch.ops.gemmakit.softmax_cross_entropy_(z, targets.long(), 0.0 if softcap is None else softcap)
