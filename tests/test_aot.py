@@ -47,6 +47,20 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
     Engine(model, None, max_batch=3, max_len=40, compile="aot")  # same shapes: the package on disk
 
 
+def test_a_package_is_keyed_by_the_code_it_compiles(tmp_path, monkeypatch):
+    from gemmakit.cache import KVCache
+
+    model = tiny_model(TINY3, seed=5)
+    step = aot._Step(model, KVCache(model.config, 1, 16))
+    source = tmp_path / "model.py"
+    source.write_text("v1")
+    monkeypatch.setattr(aot, "_TRACED", (str(source),))  # an absolute path: read as it is
+    first = aot._key(step)
+    assert aot._key(step) == first
+    source.write_text("v2")  # gemmakit edited or upgraded: its packages compile again
+    assert aot._key(step) != first
+
+
 def test_aot_step_takes_spans_from_2_to_its_max():
     step = aot.AOTDecode(runner=None, max_span=39)
     assert step.usable(2) and step.usable(39) and not step.usable(1) and not step.usable(40)

@@ -25,6 +25,7 @@ from .cache import KVCache
 from .model import Gemma
 
 _FORMAT = 1  # bump when the exported step changes meaning
+_TRACED = ("aot.py", "model.py", "cache.py", "quantize.py", "kernels/__init__.py")
 
 
 class _Step(nn.Module):
@@ -69,7 +70,10 @@ class AOTDecode:
 
 def _key(step: _Step) -> str:
     shapes = {n: (list(t.shape), str(t.dtype)) for n, t in step.state_dict().items()}
-    text = json.dumps([step.model.config.to_dict(), shapes, torch.__version__,
+    # The package is these files compiled: an edited or upgraded gemmakit gets a new one.
+    here = Path(__file__).parent
+    code = [hashlib.sha256((here / f).read_bytes()).hexdigest() for f in _TRACED]
+    text = json.dumps([step.model.config.to_dict(), shapes, torch.__version__, code,
                        torch.backends.cpu.get_cpu_capability(), _FORMAT], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
