@@ -19,19 +19,24 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
     model = Q.quantize(tiny_model(TINY3, seed=5), "int8")
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist() for n in (5, 9, 3)]
-    # A ring of 16 (twice the window of 8): spans up to 15 go through the compiled step, the last
-    # steps of the second request (9 + 10 tokens) eagerly.
+    # A ring of 16 (twice the window of 8): spans 2-15 go through one program, 16-39 (the ring
+    # full, the global layers still growing) through the other; the second request (9 + 24 tokens)
+    # crosses from one to the other.
     engine = Engine(model, None, max_batch=3, max_len=40, compile="aot")
-    assert engine._aot.max_span == 15
-    assert len(list((tmp_path / "aot").glob("decode-*.pt2"))) == 1
-    calls = []
-    step = engine._aot.runner
-    engine._aot.runner = lambda *a: calls.append(a[0].shape[0]) or step(*a)
-    requests = [engine.add(p, max_new_tokens=n) for p, n in zip(prompts, (10, 10, 4))]
+    assert [(lo, hi) for _, lo, hi in engine._aot.programs] == [(2, 15), (16, 39)]
+    assert len(list((tmp_path / "aot").glob("decode-*.pt2"))) == 2
+    calls = {}
+    for i, (runner, lo, hi) in enumerate(engine._aot.programs):
+        engine._aot.programs[i] = (lambda *a, r=runner, lo=lo: calls.setdefault(lo, []).append(a[0].shape[0]) or r(*a),
+                                   lo, hi)
+    eager_steps = []
+    decode = engine._decode
+    engine._decode = lambda *a, **k: eager_steps.append(1) or decode(*a, **k)
+    requests = [engine.add(p, max_new_tokens=n) for p, n in zip(prompts, (10, 24, 4))]
     while engine.requests:
         engine.step()
-    assert calls[:4] == [3] * 4 and 2 in calls  # the batch shrinks as requests end: a dynamic dim
-    assert len(calls) < 10  # and the longest steps ran eagerly
+    assert calls[2][:4] == [3] * 4 and 2 in calls[2]  # the batch shrinks as requests end: a dynamic dim
+    assert calls[16] and not eager_steps  # every decode step ran compiled, both sides of the ring
     eager = Engine(model, None, max_batch=3, max_len=40)
     for r in requests:
         assert greedy_margin(model, r.prompt_ids, r.output_ids) < 1e-3
@@ -44,7 +49,7 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(torch.export, "export", no_export)
-    Engine(model, None, max_batch=3, max_len=40, compile="aot")  # same shapes: the package on disk
+    Engine(model, None, max_batch=3, max_len=40, compile="aot")  # same shapes: the packages on disk
 
 
 def test_a_package_is_keyed_by_the_code_it_compiles(tmp_path, monkeypatch):
@@ -61,9 +66,11 @@ def test_a_package_is_keyed_by_the_code_it_compiles(tmp_path, monkeypatch):
     assert aot._key(step) != first
 
 
-def test_aot_step_takes_spans_from_2_to_its_max():
-    step = aot.AOTDecode(runner=None, max_span=39)
-    assert step.usable(2) and step.usable(39) and not step.usable(1) and not step.usable(40)
+def test_aot_step_takes_the_spans_its_programs_cover():
+    step = aot.AOTDecode([("short", 2, 15), ("long", 16, 39)])
+    assert step.usable(2) and step.usable(15) and step.usable(16) and step.usable(39)
+    assert not step.usable(1) and not step.usable(40)
+    assert step._runner(16) == "long"
 
 
 def test_aot_rejects_what_it_cannot_build():
@@ -79,7 +86,7 @@ def test_lm_rounds_an_aot_engines_cache_up_so_that_jobs_share_a_package(monkeypa
 
     lm = gemmakit.load("gemma-tiny")
     lm.compile = "aot"
-    monkeypatch.setattr(aot, "build", lambda module, cache: aot.AOTDecode(None, 0))  # shapes only
+    monkeypatch.setattr(aot, "build", lambda module, cache: aot.AOTDecode([]))  # shapes only
     assert lm._engine(1, 20).cache.max_len == 256
     assert lm._engine(1, 300).cache.max_len == min(512, lm.config.max_seq_len)
     lm.compile = False

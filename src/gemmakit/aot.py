@@ -55,17 +55,22 @@ class _Step(nn.Module):
 
 
 class AOTDecode:
-    """Calls the compiled step; `usable(span)` says whether a step of that span is in its range."""
+    """Calls the compiled step for a span; `usable(span)` says whether one covers it.
+    programs: (runner, lowest span, highest span) each."""
 
-    def __init__(self, runner, max_span: int):
-        self.runner, self.max_span = runner, max_span
-        self._marker = torch.empty(max_span)  # its first `span` elements carry the span as a shape
+    def __init__(self, programs: list[tuple[object, int, int]]):
+        self.programs = programs
+        top = max((hi for _, _, hi in programs), default=0)
+        self._marker = torch.empty(top)  # its first `span` elements carry the span as a shape
+
+    def _runner(self, span: int):
+        return next((r for r, lo, hi in self.programs if lo <= span <= hi), None)
 
     def usable(self, span: int) -> bool:
-        return 2 <= span <= self.max_span
+        return self._runner(span) is not None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
-        return self.runner(tokens, positions, self._marker[:span])
+        return self._runner(span)(tokens, positions, self._marker[:span])
 
 
 def _key(step: _Step) -> str:
@@ -80,11 +85,8 @@ def _key(step: _Step) -> str:
 
 def build(module: Gemma, cache: KVCache) -> AOTDecode:
     """The step for this model and cache: read from the on-disk cache, or exported and compiled
-    (about a minute for the default model) and stored there."""
-    from torch.export import Dim
-
+    (about a minute a program for the default model) and stored there."""
     from .default_model import cache_dir
-
     from .errors import GenerationError
 
     if cache.k[0].device.type != "cpu":
@@ -92,29 +94,42 @@ def build(module: Gemma, cache: KVCache) -> AOTDecode:
     if min(cache.max_len, cache.ring) < 4:
         raise GenerationError(f"compile='aot' needs a cache of at least 4 positions, got {cache.max_len}")
     step = _Step(module, cache)
-    # Spans from 2 to one short of the sliding layers' ring (or of max_len): at the ring, slicing
-    # it to min(ring, span) would pin the span to one side. Longer conversations step eagerly.
-    max_batch, max_span = cache.batch_size, min(cache.max_len, cache.ring) - 1
-    path = cache_dir() / "aot" / f"decode-{_key(step)}.pt2"
-    if not path.is_file():
-        print(f"gemmakit: compiling the decode step ahead of time (once for these shapes, about a minute): {path}",
-              file=sys.stderr, flush=True)
-        batch = 2 if max_batch > 1 else 1
-        example = (torch.full((batch, 1), 3), torch.full((batch, 1), 2), torch.empty(3))
-        dims = {"tokens": {0: Dim("batch", min=1, max=max_batch)} if max_batch > 1 else None,
-                "span": {0: Dim("span", min=2, max=max_span)}}
-        dims["positions"] = dims["tokens"]
-        with torch.inference_mode():
-            step(*example)  # eager once: binds the int8 kernel's op, which tracing only reads
-        program = torch.export.export(step, example, dynamic_shapes=dims, strict=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
-        os.replace(tmp, path)  # a later run never loads half a package
+    # One program for spans short of the sliding layers' ring, where those layers read `span`
+    # slots, and one from the ring on, where they read all of it: a range that reaches a length
+    # (ring, max_len) pins min(length, span) to one side. The one step at span max_len is eager.
+    ring, top = min(cache.max_len, cache.ring), cache.max_len - 1
+    ranges = [(2, ring - 1)] + ([(ring, top)] if top > ring else [])
+    key = _key(step)
     if quantize.mode_of(module) == "int8":
-        kernels.extension()  # registers the int8 op the package calls
-    runner = torch._inductor.aoti_load_package(str(path))
+        kernels.extension()  # registers the int8 op the packages call
     state = dict(step.named_parameters()) | dict(step.named_buffers())
-    runner.load_constants({n: state[n] for n in runner.get_constant_fqns()}, check_full_update=True, user_managed=True)
-    return AOTDecode(runner, max_span)
+    programs = []
+    for lo, hi in ranges:
+        path = cache_dir() / "aot" / (f"decode-{key}.pt2" if lo == 2 else f"decode-{key}-from{lo}.pt2")
+        if not path.is_file():
+            _compile(step, cache.batch_size, lo, hi, path)
+        runner = torch._inductor.aoti_load_package(str(path))
+        runner.load_constants({n: state[n] for n in runner.get_constant_fqns()}, check_full_update=True,
+                              user_managed=True)
+        programs.append((runner, lo, hi))
+    return AOTDecode(programs)
+
+
+def _compile(step: _Step, max_batch: int, lo: int, hi: int, path: Path) -> None:
+    from torch.export import Dim
+
+    print(f"gemmakit: compiling the decode step ahead of time (once for these shapes, about a minute): {path}",
+          file=sys.stderr, flush=True)
+    batch = 2 if max_batch > 1 else 1
+    example = (torch.full((batch, 1), 3), torch.full((batch, 1), 2), torch.empty(min(lo + 1, hi)))
+    dims = {"tokens": {0: Dim("batch", min=1, max=max_batch)} if max_batch > 1 else None,
+            "span": {0: Dim("span", min=lo, max=hi)}}
+    dims["positions"] = dims["tokens"]
+    with torch.inference_mode():
+        step(*example)  # eager once: binds the int8 kernel's op, which tracing only reads
+    program = torch.export.export(step, example, dynamic_shapes=dims, strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                             inductor_configs={"aot_inductor.package_constants_in_so": False})
+    os.replace(tmp, path)  # a later run never loads half a package
