@@ -5,8 +5,9 @@ A `torch.compile`d step still runs Python every token: Dynamo's guards, the code
 that is ~3.5 of ~21 ms (benchmarks/aoti_decode_step.py). Here the same step is exported once
 (batch and cache span as dynamic dims), compiled to a shared library with a C++ wrapper, and called
 with the model's own weights and the engine's own cache tensors as its constants (user-managed:
-no copy; its writes land in the engine's cache). The package depends only on the shapes (config,
-weight dtypes, the cache's rows and length), not on the weights, so it is cached on disk by them.
+no copy; its writes land in the engine's cache). A package depends only on the shapes (config,
+weight dtypes, the cache's rows and length) and on gemmakit's code, not on the weights, so it is
+cached on disk by them.
 """
 
 from __future__ import annotations
