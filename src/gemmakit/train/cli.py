@@ -44,7 +44,8 @@ def register(sub) -> None:
         for field, (kind, help) in FLAGS.items():
             p.add_argument("--" + field.replace("_", "-"), type=kind, help=help)
         p.add_argument("--lora-targets", nargs="+", help="modules that get adapters (default: q/k/v/o/gate/up/down)")
-        p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+        p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast: weights and AdamW stay float32; the fastest "
+                       "mode where the CPU has AMX or AVX512-BF16, or on a GPU")
         p.add_argument("--activation-checkpointing", action="store_true", default=None)
         p.add_argument("--compile", action="store_true", default=None, help="torch.compile the forward (faster steps)")
         p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
