@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -101,5 +102,6 @@ def run(args: argparse.Namespace) -> int:
     result = train(TrainConfig.from_dict(values))
     last = f"loss {result.losses[-1]:.4f}" if result.losses else "nothing to do"
     held = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"{result.out}: {result.steps} steps, {last}{held}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here: one summary
+        print(f"{result.out}: {result.steps} steps, {last}{held}")
     return 0
