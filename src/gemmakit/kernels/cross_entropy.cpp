@@ -3,8 +3,8 @@
 // gemmakit's training loss (src/gemmakit/loss.py) makes the logits a block of rows at a time.
 // In torch ops each row then goes through memory five times (to float32, log-softmax's write,
 // exp, scatter, back to the matmul dtype); here a row is copied once into a float32 buffer that
-// stays in L1/L2, and the gradient overwrites the logits in place: a training step's loss
-// element-wise work goes from ~30 ms to a few.
+// stays in L1/L2, and the gradient overwrites the logits in place. 2 threads: 256 rows x 8192,
+// 0.83 against 2.56 ms in bfloat16; 128 rows of Gemma's 262,144-token vocabulary, 12 against 155 ms.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
