@@ -151,6 +151,20 @@ def test_swap_span_and_chunk_guard():
         model(torch.zeros(1, cache.max_chunk + 1, dtype=torch.long), torch.arange(cache.max_chunk + 1)[None], cache)
 
 
+@torch.inference_mode()
+def test_a_prefill_without_logits_fills_the_cache_the_same():
+    model = make_model(FAMILIES["gemma3"])
+    tokens = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(2))  # the longest chunk
+    positions = torch.arange(9)[None]
+    caches = [KVCache(model.config, batch_size=1, max_len=LENGTH) for _ in range(2)]
+    assert model(tokens, positions, caches[0], logits=False) is None
+    model(tokens, positions, caches[1])
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    nxt = torch.tensor([[5]])
+    close(model(nxt, torch.tensor([[9]]), caches[0]), model(nxt, torch.tensor([[9]]), caches[1]))
+
+
 def test_compiled_gelu_is_the_tanh_gelu():
     """Under torch.compile gelu_tanh takes its sigmoid form; value and gradient stay F.gelu's."""
     from gemmakit.model import gelu_tanh

@@ -261,7 +261,7 @@ class Engine:
         for i in range(0, len(ids), chunk):
             piece = torch.tensor([ids[i:i + chunk]], device=self.device)  # (1, T)
             positions = torch.arange(start + i, start + i + piece.shape[1], device=self.device)[None]
-            self.module(piece, positions, view, last_only=True)  # fills the cache; the logits are not needed
+            self.module(piece, positions, view, logits=False)  # fills the cache
 
     def _release(self, request: Request) -> None:
         row = self._rows.index(request, 0, self._active)

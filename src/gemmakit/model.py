@@ -169,9 +169,11 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, logits: bool = True) -> torch.Tensor | None:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with targets (B, T),
-        the summed cross-entropy instead (float32 scalar; targets of -100 carry no loss).
+        the summed cross-entropy instead (float32 scalar; targets of -100 carry no loss);
+        logits=False: None, for a prefill that only fills the cache (the output layer is the
+        largest matrix: 671 MB of float32 for Gemma 3 270M, read for nothing).
 
         positions (B, T) are absolute; each row may have its own. With a cache, the new keys and
         values are written into it and attention reads the whole cache, masked by position.
@@ -204,6 +206,8 @@ class Gemma(nn.Module):
 
         for blk in self.layers:
             x = blk(x, ropes[blk.sliding], masks[blk.sliding], cache, slots)
+        if not logits:
+            return None
         if last_only:
             x = x[:, -1:]
         if targets is not None:  # without ever holding all (B, T, V) logits: see loss.py

@@ -98,7 +98,8 @@ class Scorer:
         for s in range(keep, len(context), cache.max_chunk):
             chunk = torch.tensor(context[s:s + cache.max_chunk], device=self.lm.device)[None]
             pos = torch.arange(s, s + chunk.shape[1], device=chunk.device)[None]
-            logits = module(chunk, pos, view, last_only=True)
+            last = s + cache.max_chunk >= len(context)
+            logits = module(chunk, pos, view, last_only=True, logits=last)  # earlier chunks: cache only
         self.cached, self.written = list(context), len(context)
         return logits[0, -1].float()
 
