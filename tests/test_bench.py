@@ -1,4 +1,6 @@
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +34,17 @@ def test_bench_rejects_a_non_positive_count(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", "gemma-tiny", "--decode-tokens", "0"])
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_gpu_roofline_script_measures_decode_against_the_bandwidth_roof(capsys):
+    """benchmarks/gpu_roofline.py (run on a GPU when a session gets one) works end to end on the CPU."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_roofline.py"
+    spec = importlib.util.spec_from_file_location("gpu_roofline", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--device", "cpu", "--preset", "gemma-tiny", "--dtype", "float32", "--prefill-tokens", "16",
+                          "--decode-tokens", "2", "--copy-mb", "16"])
+    assert result["bandwidth_gb_s"] > 0 and result["decode_b1_tok_s"] > 0
+    assert result["roof_tok_s"] == pytest.approx(result["bandwidth_gb_s"] / result["weights_gb"])
+    assert result["share_of_roof"] == pytest.approx(result["decode_b1_tok_s"] / result["roof_tok_s"])
+    assert "share of roof" in capsys.readouterr().out

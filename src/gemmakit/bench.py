@@ -42,6 +42,7 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     engine.step()
     start = time.perf_counter()
     engine.add(prompt, max_new_tokens=1)  # prefills all but the last prompt token
+    _sync(lm.device)  # a GPU's prefill is queued, not done, when add returns (steps sync on their tokens)
     out["prefill_tok_s"] = prefill_tokens / (time.perf_counter() - start)
     engine.step()
 
@@ -59,6 +60,11 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["kv_mb"] = kv / 2**20  # the largest cache the run held
     return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run(args: argparse.Namespace) -> dict:
