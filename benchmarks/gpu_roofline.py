@@ -19,20 +19,19 @@ import time
 import torch
 
 import gemmakit
-from gemmakit.bench import measure
+from gemmakit.bench import measure, sync
 
 
 def bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
     """Bytes per second of a device-to-device copy of `nbytes` (read and write both counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dst.copy_(src)  # warm-up
-    sync()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         dst.copy_(src)
-    sync()
+    sync(device)
     return 2 * src.numel() * 4 * repeats / (time.perf_counter() - start)
 
 

@@ -42,7 +42,7 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     engine.step()
     start = time.perf_counter()
     engine.add(prompt, max_new_tokens=1)  # prefills all but the last prompt token
-    _sync(lm.device)  # a GPU's prefill is queued, not done, when add returns (steps sync on their tokens)
+    sync(lm.device)  # a GPU's prefill is queued, not done, when add returns (steps sync on their tokens)
     out["prefill_tok_s"] = prefill_tokens / (time.perf_counter() - start)
     engine.step()
 
@@ -62,7 +62,8 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     return out
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a clock read after it times that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -62,7 +62,7 @@ def _blocks(h, weight, targets, softcap, dtype, want_h, want_w):
     keep = targets != IGNORE
     kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # chat data: skip the prompt's rows
     hk, tk = (h, targets) if kept is None else (h[kept], targets[kept])
-    grad_hk = torch.empty_like(hk) if want_h else None
+    grad_hk = torch.empty_like(hk, dtype=dtype) if want_h else None  # the products' dtype: written in place
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else weight.new_empty(0, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     rows = _rows_per_block(weight.shape[0])
@@ -73,7 +73,7 @@ def _blocks(h, weight, targets, softcap, dtype, want_h, want_w):
         total += loss
         grad = grad.to(dtype)
         if want_h:
-            grad_hk[s: s + rows] = torch.mm(grad, wc)
+            torch.mm(grad, wc, out=grad_hk[s: s + rows])
         if dtype == torch.float32 and want_w:
             grad_w.addmm_(grad.t(), hb)
         elif want_w:  # no float32-accumulating product for bfloat16 on CPU: sum the blocks' products
@@ -81,9 +81,9 @@ def _blocks(h, weight, targets, softcap, dtype, want_h, want_w):
     if not want_h:
         grad_h = h.new_empty(0)
     elif kept is None:
-        grad_h = grad_hk
+        grad_h = grad_hk.to(h.dtype)
     else:
-        grad_h = torch.zeros_like(h).index_copy_(0, kept, grad_hk)
+        grad_h = torch.zeros_like(h).index_copy_(0, kept, grad_hk.to(h.dtype))
     return total, grad_h, grad_w
 
 
