@@ -1,6 +1,6 @@
 """How much of a compiled batch-1 decode step is Python: the same step under torch.compile and
 compiled ahead of time with AOTInductor (C++ wrapper, no Dynamo guards, no Python between the
-kernels), taking turns in one process: what `--compile aot` (gemmakit.aot) saves a step. The step
+kernels), taking turns in one process: what `--compile aot` (gemmakit.runtime.aot) saves a step. The step
 is the engine's own, here with fixed shapes (batch 1, attention over 511 of 512 cache slots) and
 its own copy of the cache and the weights, so that both compilers get the same graph.
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from gemmakit import kernels, quantize
-from gemmakit.aot import _Step
-from gemmakit.cache import KVCache
-from gemmakit.default_model import default_model_source
+import gemmakit
+from gemmakit import kernels
+from gemmakit.runtime.aot import _Step
+from gemmakit.model import KVCache
+from gemmakit.checkpoints.default import default_model_source
 
 MAX_LEN = 512
 
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = quantize.load(default_model_source(progress=False), "int8", progress=False)
+    lm = gemmakit.load(default_model_source(progress=False), quantize="int8", progress=False)
     model = lm.module.eval()
     assert kernels.extension() is not None, "the int8 kernel did not build"
     step = _Step(model, KVCache(model.config, 1, MAX_LEN, dtype=torch.float32))  # the engine's AOT step

@@ -162,7 +162,7 @@ def _json_of(done: subprocess.CompletedProcess) -> dict:
 
 
 def peer_main(args) -> None:
-    from gemmakit.default_model import default_model_path
+    from gemmakit.checkpoints.default import default_model_path
 
     path = args.model or str(default_model_path())
     if args.peer == "llama.cpp":

@@ -6,7 +6,7 @@ are the steadier measure: wall time also counts the time other processes held th
 
     nice python benchmarks/eval_speed.py [--items 20] [--threads 1]
 
-The GGUF (gemmakit.default_model) is written once as a Hugging Face folder under the gemmakit cache
+The GGUF (gemmakit.checkpoints.default) is written once as a Hugging Face folder under the gemmakit cache
 (`gemmakit.checkpoints.hf.save`), which transformers loads. The items are the first `--items` of
 MMLU's stratified slice (`--per-subject` questions of each subject, after its 5-shot examples), as
 gemmakit builds them; lm-eval scores the same prompts as a local YAML task over a JSONL file (its
@@ -28,18 +28,18 @@ from pathlib import Path
 import torch
 
 import gemmakit
-from gemmakit.default_model import cache_dir, default_model_path
+from gemmakit.checkpoints.default import default_model_path
+from gemmakit.paths import cache_dir
 from gemmakit.eval import evaluate
 from gemmakit.eval.lm_eval_bridge import GemmakitLM, evaluate_local, local_mc_task
 from gemmakit.eval.mc import mmlu
 
 def hf_folder(lm) -> Path:
     """The GGUF as a Hugging Face folder, written once into the cache."""
-    from gemmakit.checkpoints import hf
 
     folder = cache_dir() / "eval_speed" / (Path(default_model_path()).stem + "-hf-float32")
     if not (folder / "config.json").is_file():
-        hf.save(lm, folder)
+        lm.save(folder)
     return folder
 
 

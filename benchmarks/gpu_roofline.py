@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth probe")
     args = ap.parse_args(argv)
-    lm = gemmakit.load(args.preset, dtype=args.dtype, device=args.device, progress=False)
-    lm.compile = args.compile
+    lm = gemmakit.load(args.preset, dtype=args.dtype, device=args.device, compile="torch" if args.compile else None,
+                       progress=False)
     weights = lm.nbytes()
     bw = bandwidth(lm.device, args.copy_mb * 2**20)
     result = measure(lm, args.prefill_tokens, args.decode_tokens, (1,))

@@ -4,7 +4,7 @@ each `--compile` mode side by side in one process (same prompt, same tokens chec
     python benchmarks/long_decode.py [--prompt-tokens 1100] [--steps 64] [--modes aot,eager,aot]
 
 Past the sliding layers' ring (1,024 positions for the default model) the AOT engine runs its
-second program (src/gemmakit/aot.py); the first run of a mode compiles its packages.
+second program (src/gemmakit/runtime/aot.py); the first run of a mode compiles its packages.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from gemmakit import quantize
-from gemmakit.default_model import default_model_source
-from gemmakit.engine import Engine
+import gemmakit
+from gemmakit.checkpoints.default import default_model_source
+from gemmakit.runtime.engine import Engine
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpl3_preamble.txt"
 
@@ -31,14 +31,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = quantize.load(default_model_source(False), "int8", progress=False)
+    lm = gemmakit.load(default_model_source(False), quantize="int8", progress=False)
     ids = lm.tokenizer.encode(TEXT.read_text())
     ids = (ids * (args.prompt_tokens // len(ids) + 1))[:args.prompt_tokens]
     outputs = {}
     print("| mode | decode steps | spans | tok/s |\n|---|---|---|---|")
     for mode in args.modes.split(","):
-        engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=args.max_len,
-                        compile=False if mode == "eager" else mode)
+        engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=args.max_len, compile=mode)
         request = engine.add(ids, max_new_tokens=args.steps)
         engine.step()  # the prompt and the first token
         start, n = time.perf_counter(), 0

@@ -23,19 +23,18 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 def load(mode: str):
     import gemmakit
-    from gemmakit import quantize
-    from gemmakit.default_model import default_model_source
+    from gemmakit.checkpoints.default import default_model_source
 
     source = default_model_source(progress=False)
     if mode in ("float32", "bfloat16"):
         return gemmakit.load(source, dtype=mode, progress=False)
-    return quantize.load(source, mode, progress=False)
+    return gemmakit.load(source, quantize=mode, progress=False)
 
 
 def greedy_ids(lm, prompts: list[list[int]], streams: int, n: int = 32) -> list[list[int]]:
     """n greedy tokens after each prompt, EOS not special-cased (as the llama.cpp reference),
     decoding `streams` prompts at a time (int8 picks its kernel by the number of rows)."""
-    from gemmakit.engine import Engine
+    from gemmakit.runtime.engine import Engine
 
     out = []
     for i in range(0, len(prompts), streams):

@@ -161,7 +161,7 @@ def main() -> int:
                         "advertise AMX but fault on it (Illegal instruction)")
     args = p.parse_args()
     if args.model is None:
-        from gemmakit.default_model import default_model_path
+        from gemmakit.checkpoints.default import default_model_path
 
         args.model = str(default_model_path())
     context = 512

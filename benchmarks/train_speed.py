@@ -6,7 +6,7 @@ step, so that load from other processes falls on both alike. Prints a table of t
     python benchmarks/train_speed.py [--steps 10] [--threads 2] [--no-compile]
 
 gemmakit's step is the one `gemmakit train` takes: `model(x, targets=y)`, whose loss never holds
-the (B, T, V) logits (see src/gemmakit/loss.py); "compiled" is `gemmakit train --compile`.
+the (B, T, V) logits (see src/gemmakit/model/loss.py); "compiled" is `gemmakit train --compile`.
 """
 
 from __future__ import annotations

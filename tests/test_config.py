@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from gemmakit.config import PRESETS, GemmaConfig, preset
+from gemmakit.config import PRESETS, GemmaConfig, LayerKind, preset
+
+GLOBAL, SLIDING = LayerKind.GLOBAL, LayerKind.SLIDING
 from gemmakit.errors import ConfigError
 from gemmakit.model import Gemma
 
@@ -27,9 +29,9 @@ def test_every_preset_builds_on_meta():
 
 def test_layer_patterns():
     g2, g3 = preset("gemma2-9b"), preset("gemma3-1b")
-    assert [g2.is_sliding(i) for i in range(4)] == [True, False, True, False]
-    assert [i for i in range(g3.n_layers) if not g3.is_sliding(i)] == [5, 11, 17, 23]
-    assert not any(preset("gemma-7b").is_sliding(i) for i in range(28))
+    assert g2.layer_kinds[:4] == [SLIDING, GLOBAL, SLIDING, GLOBAL]
+    assert [i for i, kind in enumerate(g3.layer_kinds) if kind is GLOBAL] == [5, 11, 17, 23]
+    assert set(preset("gemma-7b").layer_kinds) == {GLOBAL}
     assert preset("gemma2-27b").attn_scale == pytest.approx(144 ** -0.5)
     assert preset("gemma2-9b").attn_scale == pytest.approx(256 ** -0.5)
 
@@ -41,5 +43,5 @@ def test_bad_configs_are_rejected():
         GemmaConfig("llama", 100, 64, 2, 4, 1, 16, 128, 64)
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("gemma-99b")
-    with pytest.raises(ConfigError, match="unknown config fields: bogus"):
+    with pytest.raises(ConfigError, match="unknown config field 'bogus'"):
         GemmaConfig.from_dict({**PRESETS["gemma-2b"].to_dict(), "bogus": 1})

@@ -3,7 +3,7 @@
 import torch
 
 import gemmakit
-from gemmakit.default_model import default_model_path, default_model_source
+from gemmakit.checkpoints.default import default_model_path, default_model_source
 
 
 def test_the_cached_folder_is_the_gguf_model(real_lm):

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from gemmakit.config import GemmaConfig
-from gemmakit.engine import Engine, TextStream
+from gemmakit.runtime.engine import Engine
+from gemmakit.runtime.text import TextStream
 from gemmakit.errors import GenerationError
 from gemmakit.model import Gemma
-from gemmakit.sampling import Sampling
+from gemmakit.runtime.sampling import Sampling
 from gemmakit.tokenizer import Tokenizer
 
 WINDOW = 8  # small, so that prompts and outputs run past it and the sliding layers' ring wraps
@@ -220,7 +221,7 @@ def test_compiled_decode_steps_pick_the_eager_tokens(model, tokenizer):
 
     from torch._dynamo.utils import counters
 
-    from gemmakit.quantize import quantize
+    from gemmakit.model.quantized import quantize
 
     quantized = quantize(copy.deepcopy(model), "int8")
 
@@ -231,7 +232,7 @@ def test_compiled_decode_steps_pick_the_eager_tokens(model, tokenizer):
             engine.step()
         return [r.output_ids for r in requests]
 
-    eager = run(False)
+    eager = run("eager")
     counters.clear()
-    assert run(True) == eager and [len(ids) for ids in eager] == [6, 20]
+    assert run("torch") == eager and [len(ids) for ids in eager] == [6, 20]
     assert not counters["graph_break"], dict(counters["graph_break"])

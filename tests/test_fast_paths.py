@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gemmakit import kernels
-from gemmakit import quantize as Q
-from gemmakit.engine import Engine
+from gemmakit.model import quantized as Q
+from gemmakit.runtime.engine import Engine
 from gemmakit.model import Gemma
 
 from test_quantize import TINY3, tiny_model  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
@@ -58,6 +58,6 @@ def test_importing_gemmakit_leaves_the_compiler_alone():
     import subprocess
     import sys
 
-    code = "import sys, gemmakit, gemmakit.cli, gemmakit.engine, gemmakit.quantize; print('torch._dynamo' in sys.modules)"
+    code = "import sys, gemmakit, gemmakit.cli.main, gemmakit.runtime.engine, gemmakit.model.quantized; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmakit import loss
+from gemmakit.model import loss
 from gemmakit.config import GemmaConfig
 from gemmakit.model import Gemma
 

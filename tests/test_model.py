@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gemmakit.cache import KVCache
-from gemmakit.config import GemmaConfig
+from gemmakit.model import KVCache
+from gemmakit.config import GemmaConfig, LayerKind
 from gemmakit.model import Gemma
 
 WINDOW = 8
@@ -142,9 +142,9 @@ def test_swap_span_and_chunk_guard():
     a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 5))
     model(a[:, :9], torch.arange(9)[None], cache.row_view(0))
     model(b, torch.arange(5)[None], cache.row_view(1))
-    assert cache.positions(False).shape == (2, 9)  # attention reads the used slots only
+    assert cache.positions(LayerKind.GLOBAL).shape == (2, 9)  # attention reads the used slots only
     cache.swap(0, 1)
-    assert cache.positions(False)[1].tolist() == list(range(9)) and cache.positions(False)[0, 5:].eq(-1).all()
+    assert cache.positions(LayerKind.GLOBAL)[1].tolist() == list(range(9)) and cache.positions(LayerKind.GLOBAL)[0, 5:].eq(-1).all()
     logits = model(a[:, 9:12], torch.arange(9, 12)[None], cache.row_view(1))
     close(logits, model(a)[:, 9:])
     with pytest.raises(ValueError, match="max_chunk"):
@@ -167,7 +167,7 @@ def test_a_prefill_without_logits_fills_the_cache_the_same():
 
 def test_compiled_gelu_is_the_tanh_gelu():
     """Under torch.compile gelu_tanh takes its sigmoid form; value and gradient stay F.gelu's."""
-    from gemmakit.model import gelu_tanh
+    from gemmakit.model.gemma import gelu_tanh
 
     x = torch.linspace(-12, 12, 4001, requires_grad=True)
     got = torch.compile(gelu_tanh, fullgraph=True)(x)

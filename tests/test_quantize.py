@@ -6,8 +6,8 @@ import torch
 
 import gemmakit
 from gemmakit import kernels
-from gemmakit import quantize as Q
-from gemmakit.cache import KVCache
+from gemmakit.model import quantized as Q
+from gemmakit.model import KVCache
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import ConfigError
 from gemmakit.lm import LM
@@ -95,7 +95,9 @@ def test_embedding_lookup_dequantizes_exactly_the_rows_asked(mode):
     tokens = torch.tensor([[0, 31, 32, 63], [64, 100, 255, 32]])  # both nibbles, several blocks
     embed = Q.QuantizedEmbedding(table, Q.default_dtype(mode))
     assert torch.equal(embed(tokens), table.dequantize(dtype=Q.default_dtype(mode))[tokens])
-    assert embed.weight.dtype == Q.default_dtype(mode) and embed.weight.numel() == 0
+    assert embed(tokens).dtype == Q.default_dtype(mode)
+    model = Q.quantize(tiny_model(), mode)
+    assert model.dtype == Q.default_dtype(mode)  # the activations', read off the norms that stay float
 
 
 # Random Gaussian weights are int4's worst case (measured: 0.12-0.28); a wrong layout or scale gives ~1.
@@ -148,29 +150,49 @@ def test_bad_mode_and_group_size_are_config_errors():
 @pytest.mark.parametrize("mode", Q.MODES)
 def test_load_converts_once_then_reads_the_cache(tmp_path, monkeypatch, mode):
     from gemmakit import checkpoints
-    from gemmakit.checkpoints import hf
+    from gemmakit.checkpoints import converted, hf
 
     monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "model"
-    hf.save(LM(tiny_model(), None), source, progress=False)
+    hf.save(tiny_model(), source, progress=False)
     tokens = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(4))
+    q = Q.Quantization(mode)
 
-    first = Q.load(source, mode, progress=False)
-    assert Q.cache_path(source, mode).joinpath("model.safetensors").is_file()
-    assert not list(Q.cache_path(source, mode).parent.glob(".partial-*"))  # no temporary left behind
+    first = gemmakit.load(source, quantize=mode, progress=False)
+    assert converted.path(source, q).joinpath("model.safetensors").is_file()
+    assert not list(converted.path(source, q).parent.glob(".partial-*"))  # no temporary left behind
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the cached model should not read the source checkpoint")
 
     monkeypatch.setattr(checkpoints, "read", no_reading)
-    second = Q.load(source, mode, progress=False)
-    assert second.dtype == Q.default_dtype(mode)
+    second = gemmakit.load(source, quantize=mode, progress=False)
+    assert second.dtype == Q.default_dtype(mode) and second.quantization == mode
     assert torch.equal(second.logits(tokens), first.logits(tokens))
     # A changed source file is a different key: the cache is not trusted for it.
     (source / "config.json").touch()
-    assert Q.cache_path(source, mode) != Q.cache_path(source, "int4" if mode == "int8" else "int8")
+    assert converted.path(source, q) != converted.path(source, Q.Quantization("int4" if mode == "int8" else "int8"))
     with pytest.raises(AssertionError, match="should not read"):
-        Q.load(source, mode, progress=False)
+        gemmakit.load(source, quantize=mode, progress=False)
+
+
+def test_quantized_load_takes_the_other_model_options(tmp_path, monkeypatch, sentencepiece_model):
+    """--quantize with --tokenizer, --variant and --dtype: each one reaches the model or the cache key."""
+    from gemmakit.checkpoints import converted, hf
+    from gemmakit.tokenizer import Tokenizer
+
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    hf.save(tiny_model(), source, progress=False)
+    assert converted.path(source, Q.Quantization("int8"), variant="gemma-2b") != converted.path(source, Q.Quantization("int8"))
+    bf16 = gemmakit.load(source, quantize="int8", dtype="bfloat16", progress=False)
+    assert bf16.dtype == torch.bfloat16 and bf16.logits([[2, 3]]).isfinite().all()
+    with pytest.raises(ConfigError, match="int4 runs on torch's CPU"):
+        gemmakit.load(source, quantize="int4", device="meta", progress=False)
+    with pytest.raises(ConfigError, match="unknown quantization mode 'int3'"):
+        gemmakit.load(source, quantize="int3", progress=False)
+    lm = gemmakit.load(source, quantize="int8", tokenizer=sentencepiece_model, progress=False)
+    assert lm.tokenizer.vocab_size == Tokenizer.from_file(sentencepiece_model).vocab_size and lm.quantization == "int8"
 
 
 def test_int8_keeps_the_real_model_close_to_float32(real_lm):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gemmakit.errors import GenerationError
-from gemmakit.sampling import Sampling, make_generator, next_tokens
+from gemmakit.runtime.sampling import Sampling, make_generator, next_tokens
 
 V = 50
 

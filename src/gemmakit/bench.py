@@ -1,7 +1,7 @@
 """Speed of a model on this machine: `gemmakit bench [--model M] [--quantize int8]`.
 
-Every figure runs the generation engine the way users do (`Engine.add` prefills, `Engine.step`
-decodes), so it measures what `LM.generate` and the server get:
+Every figure runs the generation engine the way users do (`lm.engine`; `Engine.add` prefills,
+`Engine.step` decodes), so it measures what `LM.generate` and the server get:
 - prefill: tokens/s to fill the cache with a prompt of `prefill_tokens` tokens;
 - decode b1 / b16: new tokens/s (all streams together) at batch 1 and with 16 streams;
 - load: seconds from nothing to a model ready to run (reading, converting or the cache);
@@ -31,12 +31,10 @@ def bench_prompt(vocab_size: int, n: int) -> list[int]:
 def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECODE_TOKENS,
             batch_sizes: tuple[int, ...] = (1, 16)) -> dict:
     """prefill_tok_s, decode_b{n}_tok_s for each n in batch_sizes, peak_rss_mb and the sizes used."""
-    from .engine import Engine
-
     prompt = bench_prompt(lm.config.vocab_size, prefill_tokens)
     out = {"prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens}
 
-    engine = Engine(lm.module, None, max_batch=1, max_len=prefill_tokens + 2)
+    engine = lm.engine(max_batch=1, max_len=prefill_tokens + 2)
     kv = engine.cache.nbytes()
     engine.add(prompt[:9], max_new_tokens=1)  # warm-up: first calls allocate and pick kernels
     engine.step()
@@ -47,11 +45,11 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
     engine.step()
 
     for n in batch_sizes:
-        engine = Engine(lm.module, None, max_batch=n, max_len=32 + decode_tokens + 4, compile=lm.compile)
+        engine = lm.engine(max_batch=n, max_len=32 + decode_tokens + 4)
         kv = max(kv, engine.cache.nbytes())
         for row in range(n):
-            engine.add(prompt[row:row + 32], max_new_tokens=decode_tokens + 4)
-        for _ in range(3):  # warm-up steps
+            engine.submit(prompt[row:row + 32], max_new_tokens=decode_tokens + 4)
+        for _ in range(3):  # warm-up steps (the first admits every stream)
             engine.step()
         start = time.perf_counter()
         for _ in range(decode_tokens):
@@ -69,7 +67,7 @@ def sync(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .cli import load_model
+    from .cli.options import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_args
+    from .cli.options import add_model_args
 
     p = subparsers.add_parser("bench", help="measure prefill, decode (batch 1 and 16), load time and memory")
     add_model_args(p)

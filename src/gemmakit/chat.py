@@ -6,26 +6,24 @@ turns, the model's replies included, stay in the cache exactly as they were gene
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-from .engine import Engine
 from .errors import GenerationError
-from .sampling import Sampling
-
-if TYPE_CHECKING:
-    from .lm import LM
+from .runtime.engine import Engine
+from .runtime.sampling import Sampling
 
 
 class ChatSession:
-    def __init__(self, lm: LM, system: str | None = None, sampling: Sampling | None = None,
-                 max_new_tokens: int = 512, max_len: int | None = None):
-        if lm.tokenizer is None:
+    def __init__(self, engine: Engine, system: str | None = None, sampling: Sampling | None = None,
+                 max_new_tokens: int = 512):
+        """engine: one of its own (`LM.chat` makes one), with the model's tokenizer."""
+        if engine.tokenizer is None:
             raise GenerationError("chat needs a tokenizer; this model has none")
-        self.tokenizer = lm.tokenizer
+        self.tokenizer = engine.tokenizer
         self.system = system
         self.sampling = sampling or Sampling()
         self.max_new_tokens = max_new_tokens
-        self.engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=max_len, compile=lm.compile)
+        self.engine = engine
         if system is not None:  # a family without a system role fails now, not at the first message
             self.tokenizer.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": ""}])
         self._end_turn = [self.tokenizer.token_id("<end_of_turn>"), *self.tokenizer.encode("\n", add_bos=False)]
@@ -60,7 +58,7 @@ class ChatSession:
         if len(ids) >= self.engine.max_len:
             raise GenerationError(f"the conversation ({len(ids)} tokens with this message) has outgrown the "
                                   f"context of {self.engine.max_len} tokens; reset() to start over")
-        request = self.engine.add(ids, self.max_new_tokens, self.sampling, stop_ids=self.tokenizer.stop_ids)
+        request = self.engine.submit(ids, self.max_new_tokens, self.sampling, stop_ids=self.tokenizer.stop_ids)
         self.request = request  # the latest turn: finish_reason, output_ids, reused
         self.messages.append(user)
         self._open = True
@@ -68,10 +66,9 @@ class ChatSession:
 
     def _reply(self, request) -> Iterator[str]:
         try:
-            while not request.finished:
-                for delta in self.engine.step():
-                    if delta.text:
-                        yield delta.text
+            for delta in self.engine.stream(request):
+                if delta.text:
+                    yield delta.text
         finally:
             self._end_reply()
 

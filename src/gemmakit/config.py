@@ -7,9 +7,18 @@ per-layer RoPE theta, query scale); `model.py` reads the fields and never the fa
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, GemmaError
+
+
+class LayerKind(enum.Enum):
+    """How far a layer's attention reaches: every earlier token, or the last `sliding_window`.
+    Masks, RoPE tables and the KV cache's layout are made once per kind and picked by each layer's."""
+
+    GLOBAL = "global"
+    SLIDING = "sliding"
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,13 @@ class GemmaConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
 
-    def is_sliding(self, layer: int) -> bool:
-        return self.sliding_window is not None and (layer + 1) % self.global_every != 0
+    def layer_kind(self, layer: int) -> LayerKind:
+        sliding = self.sliding_window is not None and (layer + 1) % self.global_every != 0
+        return LayerKind.SLIDING if sliding else LayerKind.GLOBAL
+
+    @property
+    def layer_kinds(self) -> list[LayerKind]:
+        return [self.layer_kind(i) for i in range(self.n_layers)]
 
     @property
     def attn_scale(self) -> float:
@@ -69,14 +83,20 @@ class GemmaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GemmaConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        check_fields(cls, data, ConfigError, "config field")
         try:
             return cls(**data)
         except TypeError as e:
             raise ConfigError(f"incomplete config: {e}") from None
+
+
+def check_fields(cls, values, error: type[GemmaError], what: str) -> None:
+    """Refuses names in `values` that are not fields of the dataclass `cls`, naming the first and
+    the known ones: every dataclass built from user input (configs, sampling, training settings)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise error(f"unknown {what} {unknown[0]!r}; known: {', '.join(names)}")
 
 
 FAMILIES = ("gemma", "gemma2", "gemma3")

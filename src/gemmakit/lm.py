@@ -1,26 +1,98 @@
-"""LM: a loaded model with its tokenizer, the object `gemmakit.load` returns."""
+"""`load`, the one way in, and `LM`, the loaded model with its tokenizer that it returns."""
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import torch
 
-from .config import GemmaConfig
-from .errors import GenerationError
+from . import checkpoints
+from .chat import ChatSession
+from .checkpoints import converted
+from .config import PRESETS, GemmaConfig
+from .errors import ConfigError, GenerationError, TokenizerError
 from .model import Gemma
-from .sampling import Sampling
+from .model.quantized import Quantization, mode_of, quantize as quantize_module, quantized_parameters
+from .runtime.engine import Engine
+from .runtime.sampling import Sampling
+from .runtime.steps import Compile
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
 
+def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         quantize: str | None = None, compile: Compile | str | None = None, tokenizer: str | os.PathLike | None = None,
+         variant: str | None = None, seed: int = 0, progress: bool = True) -> LM:
+    """A model ready to run, from a Hugging Face folder, an official .ckpt/.bin, a .gguf file,
+    or a preset name (random weights; see gemmakit.PRESETS).
+
+    dtype: of the weights, or with `quantize` of the activations (default: float32; int4's bfloat16).
+    quantize: "int8" or "int4" weight-only; a file is converted once and read from the cache
+    directory after that (checkpoints/converted.py).
+    compile: how the model's engines run a decode step: None or "eager", "torch" (torch.compile),
+    "aot" (compiled ahead of time, cached on disk); see runtime/steps.py.
+    tokenizer: a tokenizer.model / tokenizer.json to use instead of (or where there is none) the
+    checkpoint's own.
+    variant: the preset an official checkpoint belongs to, where its shapes do not tell.
+    """
+    mode = Compile.of(compile)
+    device = _device(device)
+    q = Quantization(quantize, dtype=_dtype(dtype) if dtype is not None else None) if quantize else None
+    dtype = q.dtype if q else _dtype(dtype) if dtype is not None else torch.float32
+    if q and device.type != "cpu" and q.mode == "int4":
+        raise ConfigError(f"int4 runs on torch's CPU int4 kernel; it cannot run on {device} (use int8)")
+    tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
+    if isinstance(source, str) and source in PRESETS and not os.path.exists(source):
+        config = PRESETS[source]
+        with torch.device(device):
+            torch.manual_seed(seed)
+            module = Gemma(config)  # initialised: random matrices, norms at 0 (a scale of 1)
+        module = module.to(torch.float32 if q else dtype).eval()
+        if q:  # random weights: nothing worth caching
+            quantize_module(module, q.mode, q.group_size, q.dtype)
+    else:
+        ckpt = converted.read(source, q, variant, progress) if q else checkpoints.read(source, variant=variant)
+        tok = tok or ckpt.tokenizer
+        module = checkpoints.build(ckpt, dtype=dtype, device=device, progress=progress)
+        config = ckpt.config
+    if tok is not None:
+        tok.family = config.family
+        if tok.vocab_size > config.vocab_size:
+            raise TokenizerError(f"{tokenizer or source}: the tokenizer has {tok.vocab_size} tokens but the "
+                                 f"model's embedding has {config.vocab_size} rows")
+    return LM(module, tok, source=str(source), compile=mode)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """The device, checked before anything is built on it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device}: this torch build has no CUDA, or no GPU is visible")
+    return device
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
 class LM:
-    def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = "", compile: bool | str = False):
+    def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = "",
+                 compile: Compile | str | None = None):
         self.module = module
         self.tokenizer = tokenizer
         self.source = source
-        self.compile = compile  # engines made for this LM compile their decode step (engine.compiled)
+        self._compile = Compile.of(compile)
 
     @property
     def config(self) -> GemmaConfig:
@@ -28,11 +100,21 @@ class LM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.embed.weight.dtype
+        return self.module.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.module.embed.weight.device
+        return self.module.device
+
+    @property
+    def compile(self) -> Compile:
+        """How this model's engines run a decode step (fixed at load)."""
+        return self._compile
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8" or "int4" for a quantized model, None for a float one."""
+        return mode_of(self.module)
 
     @torch.inference_mode()
     def logits(self, ids) -> torch.Tensor:
@@ -42,7 +124,19 @@ class LM:
             ids = ids[None]
         return self.module(ids).float()
 
-    # -- generation (the engine does the work: gemmakit.engine) -----------------------------------
+    # -- generation (the engine does the work: runtime/engine.py) ---------------------------------
+    def engine(self, max_batch: int = 1, max_len: int | None = None, prefill_budget: int | None = None) -> Engine:
+        """A generation engine over this model, in its compile mode. max_len: tokens per request
+        (default: the model's context). The cache's memory is allocated up front; under
+        compile="aot" its length rounds up to a power of two (>= 256), since a step is compiled
+        per cache shape and jobs of similar size then share one."""
+        limit = self.config.max_seq_len
+        needed = limit if max_len is None else max_len
+        if self.compile is Compile.AOT and isinstance(needed, int) and needed > 0:
+            needed = max(256, 1 << (needed - 1).bit_length())
+        return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=min(needed, limit),
+                      compile=self.compile, prefill_budget=prefill_budget)
+
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, sampling: Sampling | None = None,
                  stop: Sequence[str] | None = None, *, stop_ids: Sequence[int] | None = None,
                  max_batch: int = 16, **sampling_fields):
@@ -56,18 +150,12 @@ class LM:
         """
         prompts, single = self._prompts(prompt)
         sampling = _sampling(sampling, sampling_fields)
-        longest = max(len(p) for p in prompts)
-        engine = self._engine(min(max_batch, len(prompts)), longest + max_new_tokens)
-        results: list = [None] * len(prompts)
-        waiting = list(enumerate(prompts))[::-1]
-        running = {}
-        while waiting or running:
-            while waiting and engine.free_slots:
-                i, ids = waiting.pop()
-                running[engine.add(ids, max_new_tokens, sampling, self._stop_ids(stop_ids), stop or ())] = i
+        engine = self.engine(min(max_batch, len(prompts)), max(len(p) for p in prompts) + max_new_tokens)
+        requests = [engine.submit(ids, max_new_tokens, sampling, self._stop_ids(stop_ids), stop or ())
+                    for ids in prompts]
+        while engine.busy:
             engine.step()
-            for request in [r for r in running if r.finished]:
-                results[running.pop(request)] = request.text if self.tokenizer else request.generated_ids
+        results = [r.text if self.tokenizer else r.generated_ids for r in requests]
         return results[0] if single else results
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, sampling: Sampling | None = None,
@@ -79,10 +167,12 @@ class LM:
         prompts, single = self._prompts(prompt)
         if not single:
             raise GenerationError("stream takes one prompt; use generate for a list")
-        engine = self._engine(1, len(prompts[0]) + max_new_tokens)
-        request = engine.add(prompts[0], max_new_tokens, _sampling(sampling, sampling_fields),
-                             self._stop_ids(stop_ids), stop or ())
-        return _pieces(engine, request, as_ids=self.tokenizer is None)
+        engine = self.engine(1, len(prompts[0]) + max_new_tokens)
+        request = engine.submit(prompts[0], max_new_tokens, _sampling(sampling, sampling_fields),
+                                self._stop_ids(stop_ids), stop or ())
+        if self.tokenizer is None:
+            return (d.token_id for d in engine.stream(request) if d.token_id not in request.stop_ids)
+        return (d.text for d in engine.stream(request) if d.text)
 
     def chat(self, system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
              max_len: int | None = None, **sampling_fields):
@@ -90,19 +180,15 @@ class LM:
 
         max_len: the longest conversation in tokens (default: the model's context).
         """
-        from .chat import ChatSession
+        if self.tokenizer is None:
+            raise GenerationError("chat needs a tokenizer; this model has none")
+        return ChatSession(self.engine(1, max_len), system, _sampling(sampling, sampling_fields), max_new_tokens)
 
-        return ChatSession(self, system, _sampling(sampling, sampling_fields), max_new_tokens, max_len)
+    def save(self, folder: str | os.PathLike, progress: bool = True):
+        """Writes the model and its tokenizer as a Hugging Face folder (checkpoints.hf.save)."""
+        from .checkpoints import hf
 
-    def _engine(self, max_batch: int, needed: int):
-        from .engine import Engine
-
-        # Size the cache for the job (its memory is allocated up front). An AOT step is
-        # compiled per cache shape: a power of two (>= 256) lets jobs of similar size share one.
-        if self.compile == "aot":
-            needed = max(256, 1 << (needed - 1).bit_length())
-        return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=min(needed, self.config.max_seq_len),
-                      compile=self.compile)
+        return hf.save(self.module, folder, tokenizer=self.tokenizer, progress=progress)
 
     def _stop_ids(self, stop_ids: Sequence[int] | None) -> Sequence[int]:
         if stop_ids is not None:
@@ -131,10 +217,7 @@ class LM:
 
     def num_parameters(self) -> int:
         """The model's weights, counted as the float model's would be (quantized ones are buffers)."""
-        from .quantize import QuantizedLinear
-
-        quantized = sum(m.in_features * m.out_features for m in self.module.modules() if isinstance(m, QuantizedLinear))
-        return quantized + sum(p.numel() for p in self.module.parameters())
+        return quantized_parameters(self.module) + sum(p.numel() for p in self.module.parameters())
 
     def nbytes(self) -> int:
         """Bytes of the weights; quantized weights and their scales are buffers, so those count too."""
@@ -146,15 +229,3 @@ class LM:
 
 def _sampling(sampling: Sampling | None, fields: dict) -> Sampling:
     return (sampling or Sampling()).replace(**fields) if fields else (sampling or Sampling())
-
-
-def _pieces(engine, request, as_ids: bool) -> Iterator:
-    try:
-        while not request.finished:
-            for delta in engine.step():
-                if as_ids and delta.token_id not in request.stop_ids:
-                    yield delta.token_id
-                elif delta.text:
-                    yield delta.text
-    finally:
-        engine.cancel(request)  # the reader stopped early

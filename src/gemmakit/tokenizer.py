@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .errors import TokenizerError
+from .paths import atomic_path
 
 ROLES = {"user": "user", "model": "model", "assistant": "model"}  # OpenAI's name for the model's turn
 
@@ -67,12 +68,11 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / ("tokenizer.model" if self._sp is not None else "tokenizer.json")
-        tmp = out.with_name(out.name + ".partial")  # never leave a half-written tokenizer under the real name
-        if self._sp is not None:
-            tmp.write_bytes(self._sp.serialized_model_proto())
-        else:
-            self._hf.save(str(tmp))
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # never a half-written tokenizer under the real name
+            if self._sp is not None:
+                tmp.write_bytes(self._sp.serialized_model_proto())
+            else:
+                self._hf.save(str(tmp))
         return out
 
     def sentencepiece_proto(self) -> bytes | None:

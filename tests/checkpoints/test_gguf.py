@@ -15,7 +15,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 import gemmakit
 from gemmakit.checkpoints import gguf as gguf_reader
-from gemmakit.config import GemmaConfig, preset
+from gemmakit.config import GemmaConfig, LayerKind, preset
 from gemmakit.errors import CheckpointError, ConfigError
 from gemmakit.model import Gemma
 
@@ -300,7 +300,7 @@ def test_config_rules_follow_llamacpp(tmp_path):
     assert g27.query_pre_attn_scalar == 168 and g27.rope_theta_global == 10_000.0  # llama.cpp's default base
     # No window: every layer global, at rope.freq_base.
     full = _metadata_only(f, "gemma3", 640, 18, 4, head_count_kv=1, key_length=256, rope_freq_base=1e6)
-    assert full.sliding_window is None and not any(full.is_sliding(i) for i in range(18))
+    assert full.sliding_window is None and LayerKind.SLIDING not in full.layer_kinds
     assert full.global_theta == 1e6
     with pytest.raises(ConfigError, match="m.gguf: RoPE scaling 'yarn'"):
         _metadata_only(f, "gemma3", 640, 18, 4, rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import gemmakit
 from gemmakit.checkpoints import hf
-from gemmakit.config import GemmaConfig
+from gemmakit.config import GemmaConfig, LayerKind
 from gemmakit.errors import CheckpointError, ConfigError, TokenizerError
 from gemmakit.lm import LM
 from gemmakit.model import Gemma
@@ -80,7 +80,7 @@ def test_reads_transformers_models_float32(hf_folder):
     family, model, folder = hf_folder
     lm = gemmakit.load(folder, progress=False)
     assert lm.config.family == family
-    assert lm.config.is_sliding(0) == (family != "gemma")
+    assert (lm.config.layer_kind(0) is LayerKind.SLIDING) == (family != "gemma")
     ids = token_ids()
     assert rel_err(lm.logits(ids), hf_logits(model, ids)) <= 1e-5
 
@@ -191,7 +191,7 @@ def test_every_preset_survives_the_config_round_trip(name):
 def test_peak_memory_while_loading(tmp_path):
     """Loading holds about one copy of the weights (the safetensors are mmapped, not read twice)."""
     lm = gemmakit.load("gemma-small", progress=False)  # ~34M parameters, ~140 MB in float32
-    hf.save(lm, tmp_path / "model", progress=False)
+    lm.save(tmp_path / "model", progress=False)
     checksum = sum(p.double().sum().item() for p in lm.module.parameters())
     script = textwrap.dedent(f"""
         import json, resource
@@ -234,7 +234,7 @@ def random_lm(family: str, tokenizer=None) -> LM:
 def test_writes_folders_transformers_reads(family, tmp_path, sentencepiece_model):
     tok = gemmakit.Tokenizer.from_file(sentencepiece_model, family=family)
     lm = random_lm(family, tok)
-    out = hf.save(lm, tmp_path / "out", progress=False)
+    out = lm.save(tmp_path / "out", progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
     assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temp folder left behind
     config = json.loads((out / "config.json").read_text())
@@ -254,7 +254,7 @@ def test_writes_folders_transformers_reads(family, tmp_path, sentencepiece_model
 
 def test_writes_shards_with_an_index(tmp_path):
     lm = random_lm("gemma2")
-    out = hf.save(lm, tmp_path / "out", progress=False, max_shard_bytes=64 * 1024)
+    out = hf.save(lm.module, tmp_path / "out", lm.tokenizer, progress=False, max_shard_bytes=64 * 1024)
     index = json.loads((out / hf.INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 2
     ids = token_ids(7)
@@ -275,7 +275,7 @@ def test_one_name_table_both_ways():
 @pytest.fixture
 def good_folder(tmp_path):
     folder = tmp_path / "good"
-    hf.save(random_lm("gemma3"), folder, progress=False)
+    random_lm("gemma3").save(folder, progress=False)
     return folder
 
 
@@ -348,7 +348,7 @@ def test_header_claiming_more_than_the_file(good_folder):
 
 def test_index_problems(tmp_path):
     folder = tmp_path / "sharded"
-    hf.save(random_lm("gemma"), folder, progress=False, max_shard_bytes=64 * 1024)
+    hf.save(random_lm("gemma").module, folder, progress=False, max_shard_bytes=64 * 1024)
     index_path = folder / hf.INDEX
     index = json.loads(index_path.read_text())
     first, second = sorted(set(index["weight_map"].values()))[:2]
@@ -405,7 +405,7 @@ def test_tokenizer_larger_than_the_embedding(tmp_path, sentencepiece_model):
     tok = gemmakit.Tokenizer.from_file(sentencepiece_model)
     config = GEMMAKIT_CONFIGS["gemma"].replace(vocab_size=tok.vocab_size - 1)
     folder = tmp_path / "small-vocab"
-    hf.save(LM(Gemma(config), None), folder, progress=False)
+    hf.save(Gemma(config), folder, progress=False)
     tok.save(folder)
     with expect(TokenizerError, "tokenizer.model", str(tok.vocab_size), "embed"):
         gemmakit.load(folder, progress=False)
@@ -414,27 +414,27 @@ def test_tokenizer_larger_than_the_embedding(tmp_path, sentencepiece_model):
 def test_save_refuses_to_overwrite(good_folder, tmp_path):
     before = sorted(p.name for p in good_folder.iterdir())
     with expect(CheckpointError, "good", "not an empty folder"):
-        hf.save(random_lm("gemma"), good_folder, progress=False)
+        random_lm("gemma").save(good_folder, progress=False)
     assert sorted(p.name for p in good_folder.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]  # no temp folder left behind
     empty = tmp_path / "empty"
     empty.mkdir()
-    hf.save(random_lm("gemma"), empty, progress=False)  # an empty folder is fine
+    random_lm("gemma").save(empty, progress=False)  # an empty folder is fine
     assert (empty / "config.json").is_file()
 
 
 def test_save_refuses_what_hf_cannot_express(tmp_path):
     config = GEMMAKIT_CONFIGS["gemma"].replace(sliding_window=8, global_every=2)  # Gemma 1 has no window
     with expect(ConfigError, "sliding_window"):
-        hf.save(LM(Gemma(config), None), tmp_path / "out", progress=False)
+        hf.save(Gemma(config), tmp_path / "out", progress=False)
     assert not list(tmp_path.iterdir())
 
 
 
 def test_save_refuses_quantized_models(tmp_path):
-    from gemmakit.quantize import quantize
+    from gemmakit.model.quantized import quantize
 
     lm = random_lm("gemma")
     with expect(CheckpointError, "out", "quantized"):
-        hf.save(LM(quantize(lm.module, "int8"), None), tmp_path / "out", progress=False)
+        hf.save(quantize(lm.module, "int8"), tmp_path / "out", progress=False)
     assert not list(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import torch
 
 from gemmakit.errors import DataError
 from gemmakit.lm import LM
-from gemmakit.quantize import quantize
+from gemmakit.model.quantized import quantize
 from gemmakit.eval import evaluate, make_task
 from gemmakit.eval.loglik import Scorer, encode_pair
 from gemmakit.eval.mc import fewshot_prompts, mmlu, mmlu_rows

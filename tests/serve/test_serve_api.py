@@ -30,7 +30,7 @@ def http(server):
 
 def reference(lm, prompt_ids, max_tokens):
     """The greedy continuation the engine gives this prompt on its own, straight from Python."""
-    from gemmakit.engine import Engine
+    from gemmakit.runtime.engine import Engine
 
     engine = Engine(lm.module, lm.tokenizer, max_batch=1, max_len=128)
     request = engine.add(prompt_ids, max_tokens, stop_ids=lm.tokenizer.stop_ids)

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from gemmakit.cli import main
+from gemmakit.cli.main import main
 
 
 def free_port() -> int:

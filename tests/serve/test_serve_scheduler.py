@@ -4,30 +4,32 @@ import asyncio
 
 import pytest
 
-from gemmakit.engine import Engine
-from gemmakit.sampling import GREEDY
+from gemmakit.runtime.engine import Engine
+from gemmakit.runtime.sampling import GREEDY
 from gemmakit.serve.protocol import APIError
 from gemmakit.serve.scheduler import Job, Scheduler
 
 
 class RecordingEngine(Engine):
-    """The real engine, noting the decode step at which each prompt was added."""
+    """The real engine, noting the step at which each request first decoded (it was admitted then)."""
 
-    def __init__(self, *args, scheduler_steps=lambda: 0, **kw):
+    def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.added_at = []
-        self.scheduler_steps = scheduler_steps
+        self.started = {}  # request id -> the engine step that admitted it
+        self.steps = 0
 
-    def add(self, prompt_ids, *args, **kw):
-        self.added_at.append(self.scheduler_steps())
-        return super().add(prompt_ids, *args, **kw)
+    def step(self):
+        deltas = super().step()
+        for d in deltas:
+            self.started.setdefault(d.request.id, self.steps)
+        self.steps += 1
+        return deltas
 
 
 def make(tiny_lm, max_batch, max_queue=8, prefill_budget=512):
-    engine = RecordingEngine(tiny_lm.module, tiny_lm.tokenizer, max_batch=max_batch, max_len=128)
-    scheduler = Scheduler(engine, max_queue=max_queue, prefill_budget=prefill_budget)
-    engine.scheduler_steps = lambda: scheduler.steps
-    return engine, scheduler
+    engine = RecordingEngine(tiny_lm.module, tiny_lm.tokenizer, max_batch=max_batch, max_len=128,
+                             prefill_budget=prefill_budget)
+    return engine, Scheduler(engine, max_queue=max_queue)
 
 
 def test_burst_of_prompts_joins_over_several_steps(tiny_lm):
@@ -47,7 +49,7 @@ def test_burst_of_prompts_joins_over_several_steps(tiny_lm):
             scheduler.stop()
 
     outs = asyncio.run(run())
-    assert engine.added_at == [0, 1, 2]  # one prompt's worth of prefill between decode steps
+    assert list(engine.started.values()) == [0, 1, 2]  # one prompt's worth of prefill between decode steps
     assert len({text for text, _ in outs}) == 1  # the same greedy text whenever each joined
     assert all(f.completion_tokens >= 1 for _, f in outs)
 
@@ -79,7 +81,8 @@ def test_cancelled_while_waiting_never_runs_and_queue_is_bounded(tiny_lm):
         return waiting
 
     waiting = asyncio.run(run())
-    assert len(engine.added_at) == 1 and waiting.handle is None
+    assert len(engine.started) == 1  # the cancelled job never decoded
+    assert waiting.handle is None or (waiting.handle.finish_reason == "cancelled" and not waiting.handle.output_ids)
     assert scheduler.stats()["waiting"] == 0 and engine.requests == []
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from gemmakit.errors import DataError
-from gemmakit.train import chat
+from gemmakit.train import conversations as chat
 
 
 def test_mask_covers_exactly_the_model_turns(tiny_tokenizer):

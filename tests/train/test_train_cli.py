@@ -1,7 +1,7 @@
 """gemmakit.train.cli: `gemmakit train` / `finetune` from flags or a TOML file; errors in one line."""
 
 import gemmakit
-from gemmakit.cli import main
+from gemmakit.cli.main import main
 
 
 def test_train_from_a_toml_config_with_flag_overrides(tmp_path, tiny_config_file, corpus, capsys):

@@ -28,7 +28,7 @@ import torch
 from ..config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..tokenizer import Tokenizer
-from . import Checkpoint, TensorRef
+from .checkpoint import Checkpoint, TensorRef
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import GemmaConfig
+from ..config import GemmaConfig, LayerKind
 from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..paths import atomic_path
 from ..tokenizer import Tokenizer
-from . import Checkpoint, TensorRef
+from .checkpoint import Checkpoint, TensorRef
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -83,7 +82,7 @@ _TEXT_PREFIXES = ("model.",)
 _MULTIMODAL_PREFIXES = ("model.language_model.", "language_model.model.")
 
 # safetensors dtypes we read, with their sizes: checked against the file before the library sees it.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors' names -> bytes per value
 _MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 
 
@@ -229,7 +228,7 @@ def hf_config(config: GemmaConfig, dtype: torch.dtype = torch.float32, tokenizer
         out["attn_logit_softcapping"] = c.attn_logit_softcap
         out["final_logit_softcapping"] = c.final_logit_softcap
         out["sliding_window"] = c.sliding_window
-        out["layer_types"] = [SLIDING if c.is_sliding(i) else FULL for i in range(c.n_layers)]
+        out["layer_types"] = [SLIDING if kind is LayerKind.SLIDING else FULL for kind in c.layer_kinds]
         if c.family == "gemma2":
             out["rope_parameters"] = global_rope
         else:
@@ -247,7 +246,7 @@ def _normalised(config: GemmaConfig) -> dict:
     """The fields that change what the model computes, with defaults spelled out."""
     d = config.to_dict()
     d.update(rope_theta_global=config.global_theta, query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim)
-    if not any(config.is_sliding(i) for i in range(config.n_layers)):  # unused without sliding layers
+    if LayerKind.SLIDING not in config.layer_kinds:  # unused without sliding layers
         d.update(sliding_window=None, global_every=1, rope_theta=config.global_theta)
     return d
 
@@ -267,7 +266,7 @@ def read(folder: str | os.PathLike) -> Checkpoint:
         hf = {"model_type": "gemma3_text", **text}
     config = config_from_hf(hf, config_path)
 
-    shapes, loaders = _weights(folder)
+    shapes, loaders = weights(folder)
     ours = {hf_name: name for name, hf_name in tensor_names(config).items()}
     tensors = {}
     for name, shape in shapes.items():
@@ -303,14 +302,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _weights(folder: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
+def weights(folder: Path, dtypes: dict[str, int] = FLOAT_DTYPES) -> tuple[dict[str, tuple[int, ...]], dict]:
     """Shapes and loaders of every tensor in the folder's safetensors, by HF name."""
     if (folder / WEIGHTS).is_file():
-        headers = {WEIGHTS: _header(folder / WEIGHTS)}
+        headers = {WEIGHTS: _header(folder / WEIGHTS, dtypes)}
         files = {name: WEIGHTS for name in headers[WEIGHTS]}
     elif (folder / INDEX).is_file():
         files = _index(folder / INDEX)
-        headers = {file: _header(folder / file) for file in sorted(set(files.values()))}
+        headers = {file: _header(folder / file, dtypes) for file in sorted(set(files.values()))}
     else:
         raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX} (gemmakit reads Hugging Face safetensors)")
     shapes, loaders = {}, {}
@@ -355,7 +354,7 @@ def _index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _header(path: Path) -> dict[str, tuple[int, ...]]:
+def _header(path: Path, dtypes: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header, after checking that the header and every tensor's
     bytes lie inside the file: a truncated or forged file must fail here, before any reader maps
     or allocates what it claims."""
@@ -385,13 +384,13 @@ def _header(path: Path) -> dict[str, tuple[int, ...]]:
                 and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise CheckpointError(f"{path}: corrupted safetensors header entry for tensor {name}")
-        if dtype not in _DTYPE_BYTES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; gemmakit reads {', '.join(_DTYPE_BYTES)}")
+        if dtype not in dtypes:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; gemmakit reads {', '.join(dtypes)}")
         begin, end = offsets
         if end > data_size:
             raise CheckpointError(f"{path}: tensor {name} claims bytes {begin}..{end} but the file holds "
                                   f"{data_size} bytes of data (truncated or corrupted)")
-        if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        if end - begin != math.prod(shape) * dtypes[dtype]:
             raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes, not the {math.prod(shape)} "
                                   f"{dtype} values of shape {shape}")
         shapes[name] = tuple(shape)
@@ -403,18 +402,19 @@ def _is_count(x) -> bool:
 
 
 # -- writing --------------------------------------------------------------------------------------
-def save(lm, folder: str | os.PathLike, progress: bool = True, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Writes `lm` as a Hugging Face folder that transformers loads (config.json, model.safetensors
-    or shards + index, the tokenizer). All or nothing: the files are written into a temporary
-    folder beside `folder`, which is renamed at the end. Never overwrites a non-empty folder."""
+def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, progress: bool = True,
+         max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes a model (a Gemma module) as a Hugging Face folder that transformers loads (config.json,
+    model.safetensors or shards + index, the tokenizer; `LM.save` passes its own). All or nothing (paths.atomic_path). Never overwrites a
+    non-empty folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     _check_target(folder)
-    config = hf_config(lm.config, lm.dtype, lm.tokenizer)
-    names = tensor_names(lm.config)
+    config = hf_config(module.config, module.dtype, tokenizer)
+    names = tensor_names(module.config)
     state = {}
-    for name, t in lm.module.state_dict().items():
+    for name, t in module.state_dict().items():
         if name not in names:
             raise CheckpointError(f"{folder}: the model's tensor {name} has no Hugging Face name "
                                   "(quantized models cannot be written; save the float model)")
@@ -424,9 +424,8 @@ def save(lm, folder: str | os.PathLike, progress: bool = True, max_shard_bytes: 
         state["model." + names[name]] = t
     shards = _shards(state, max_shard_bytes)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
         for file, tensors in tqdm(shards.items(), desc=f"writing {folder.name}", unit="shard",
                                   disable=not progress, leave=False):
             save_file(tensors, tmp / file, metadata={"format": "pt"})
@@ -435,16 +434,9 @@ def save(lm, folder: str | os.PathLike, progress: bool = True, max_shard_bytes: 
                      "weight_map": {name: file for file, tensors in shards.items() for name in tensors}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if lm.tokenizer is not None:
-            lm.tokenizer.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         _check_target(folder)  # again: something may have appeared while we wrote
-        if folder.exists():
-            folder.rmdir()  # empty; rename cannot replace it on every system
-        _plain_modes(tmp)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -467,12 +459,3 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> dict[str, dict[st
     if len(groups) == 1:
         return {WEIGHTS: groups[0]}
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
-
-
-def _plain_modes(folder: Path) -> None:
-    """The modes a plain mkdir and open would have given (the temp folder and files are private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
-    folder.chmod(0o777 & ~umask)

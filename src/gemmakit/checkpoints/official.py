@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import PRESETS, GemmaConfig, preset
 from ..errors import CheckpointError, ConfigError
 from ..tokenizer import Tokenizer
-from . import Checkpoint, TensorRef
+from .checkpoint import Checkpoint, TensorRef
 
 WEIGHT_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 EMBEDDINGS = ("embedder.weight", "text_token_embedder.weight")  # the second in Gemma 3's multimodal model

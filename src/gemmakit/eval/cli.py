@@ -8,7 +8,7 @@ import time
 
 
 def register(subparsers) -> None:
-    from ..cli import add_model_args
+    from ..cli.options import add_model_args
     from . import TASKS
 
     p = subparsers.add_parser("eval", help="evaluate a model on a benchmark task",
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 def _eval(args) -> int:
     import torch
 
-    from ..cli import load_model
+    from ..cli.options import load_model
     from . import run
 
     if args.threads:

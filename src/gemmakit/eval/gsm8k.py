@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from ..errors import DataError
-from ..sampling import Sampling
+from ..runtime.sampling import Sampling
 from .mc import _jsonl, package_file
 from .task import Task, limit_items
 

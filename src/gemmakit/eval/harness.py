@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..paths import atomic_path
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -82,10 +83,8 @@ def evaluate(lm, task, output: str | os.PathLike | None = None, progress: bool =
         "records": ordered,
     }
     if output is not None:
-        output = Path(output)
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, output)
+        with atomic_path(output) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
         partial.unlink()
     return results
 
@@ -94,7 +93,7 @@ def _weights(lm) -> dict:
     """How the weights are held: a float32 run must not resume an int8 one of the same checkpoint."""
     if not hasattr(lm, "module"):
         return {}
-    from ..quantize import mode_of
+    from ..model.quantized import mode_of
 
     return {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": mode_of(lm.module)}
 

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..errors import DataError
-from ..sampling import Sampling
+from ..runtime.sampling import Sampling
 from .sandbox import network_isolated, run_program
 from .task import Task, limit_items
 

@@ -20,7 +20,7 @@ from lm_eval.api.model import LM as HarnessLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..sampling import Sampling
+from ..runtime.sampling import Sampling
 from .loglik import Scorer, encode_pair
 
 
@@ -30,10 +30,10 @@ class GemmakitLM(HarnessLM):
                  tokenizer: str | None = None, batch_size: int | str = 8, max_gen_toks: int = 256, **_ignored):
         super().__init__()
         if lm is None:
-            import gemmakit
-            from gemmakit.default_model import default_model_path
+            from ..checkpoints.default import default_model_path
+            from ..lm import load
 
-            lm = gemmakit.load(pretrained or default_model_path(), dtype=dtype, device=device, tokenizer=tokenizer,
+            lm = load(pretrained or default_model_path(), dtype=dtype, device=device, tokenizer=tokenizer,
                                progress=False)
         self.lm = lm
         self.scorer = Scorer(lm)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import KVCache
+from ..model import KVCache
 from ..errors import DataError
 
 
@@ -57,10 +57,7 @@ class Scorer:
             return first
         out = [[lp] for lp, _ in first], [[g] for _, g in first]
         cache, module, C = self.cache, self.lm.module, len(context)
-        for t in cache.k + cache.v:  # every row starts from row 0's context
-            t[1:K] = t[:1]
-        for t in cache.pos.values():
-            t[1:K] = t[:1]
+        cache.copy_row(0, slice(1, K))  # every row starts from row 0's context
         pad = self.lm.tokenizer.pad_id if self.lm.tokenizer is not None else 0
         feed = torch.tensor([c[:-1] + [pad] * (L - len(c)) for c in continuations], device=self.lm.device)  # (K, L-1)
         target = torch.tensor([c[1:] + [-1] * (L - len(c)) for c in continuations], device=self.lm.device)  # (K, L-1)
@@ -90,9 +87,7 @@ class Scorer:
                                  dtype=self.lm.dtype, device=self.lm.device, ring=False)
             self.cached, self.written = [], 0
         cache = self.cache
-        keep = _common_prefix(self.cached, context[:-1])  # the last token is always run, for its logits
-        if not cache.resumable(self.written, keep):  # the sliding ring has lost part of the prefix
-            keep = 0
+        keep = cache.reusable(self.cached, self.written, context)
         cache.truncate(0, keep)
         view, module, logits = cache.row_view(0), self.lm.module, None
         for s in range(keep, len(context), cache.max_chunk):
@@ -121,10 +116,3 @@ class Scorer:
             out += lp.gather(-1, torch.tensor(piece, device=lp.device)[:, None])[:, 0].tolist()
         return out
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

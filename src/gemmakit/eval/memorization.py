@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..lm import LM
-from ..sampling import Sampling
+from ..runtime.sampling import Sampling
 from .task import Task, limit_items
 
 

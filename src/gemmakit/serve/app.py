@@ -18,9 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Engine
 from ..errors import GemmaError, TokenizerError
-from ..sampling import Sampling
+from ..runtime.sampling import Sampling
 from .protocol import APIError, ChatRequest, CompletionRequest, error_body, new_id, now, usage
 from .scheduler import Finished, Job, Piece, Scheduler
 
@@ -37,7 +36,9 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     if lm.tokenizer is None:
         raise TokenizerError("the model has no tokenizer; pass one with --tokenizer")
     max_len = min(max_len or lm.config.max_seq_len, lm.config.max_seq_len)
-    engine = Engine(lm.module, lm.tokenizer, max_batch=max_batch, max_len=max_len, compile=lm.compile)
+    # At most 512 prompt tokens are admitted between two decode steps: a burst of long prompts
+    # joins over several steps instead of stalling the running streams for all of them.
+    engine = lm.engine(max_batch=max_batch, max_len=max_len, prefill_budget=512)
     scheduler = Scheduler(engine, max_queue=max_queue)
     name = model_name or default_model_name(lm.source)
     server = _Server(lm, scheduler, name, max_len)

@@ -7,7 +7,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from ..cli import add_model_args
+    from ..cli.options import add_model_args
 
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..cli import load_model
+    from ..cli.options import load_model
     from ..errors import GemmaError
 
     for name in ("port", "max_batch", "max_queue", "context"):

@@ -69,14 +69,19 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int, prefill_budget: int = 512):
+    """Moves jobs into the engine, steps it, and sends each job its pieces. Admission (which
+    waiting request gets a free row, and how many prompt tokens a step may prefill) is the
+    engine's; the scheduler adds the HTTP side: a bounded queue, cancellation by clients, errors
+    as responses, and a thread that sleeps while there is nothing to do."""
+
+    def __init__(self, engine, max_queue: int):
         self.engine = engine
-        self.prefill_budget = prefill_budget  # prompt tokens admitted between two decode steps
         self.max_batch = engine.max_batch
         self.stop_ids = engine.tokenizer.stop_ids
         self.max_queue = max_queue
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._running: list[Job] = []
+        self._inbox: collections.deque[Job] = collections.deque()  # submitted, not yet handed to the engine
+        self._jobs: list[Job] = []  # handed to the engine: waiting there for a row, or decoding
+        self._counts = (0, 0)  # (decoding, waiting in the engine) after the latest step, for stats()
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gemmakit-scheduler", daemon=True)
@@ -91,11 +96,13 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            if len(self._waiting) >= self.max_queue:
-                raise APIError(503, f"the server is busy: {len(self._running)} requests running and "
-                                    f"{len(self._waiting)} waiting; retry shortly", type="server_error",
+            running, waiting = self._counts
+            waiting += len(self._inbox)
+            if waiting >= self.max_queue:
+                raise APIError(503, f"the server is busy: {running} requests running and "
+                                    f"{waiting} waiting; retry shortly", type="server_error",
                                code="queue_full", headers={"Retry-After": "1"})
-            self._waiting.append(job)
+            self._inbox.append(job)
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
@@ -114,66 +121,63 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"running": len(self._running), "waiting": len(self._waiting), "max_batch": self.max_batch,
+            running, waiting = self._counts
+            return {"running": running, "waiting": waiting + len(self._inbox), "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "steps": self.steps}
 
     # -- the scheduler thread -----------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._inbox and not self._jobs:
                     self._cv.wait()
                 if self._stopping:
                     break
-                gone = [j for j in self._running if j.cancelled]
-                self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
-                admit, budget = [], self.prefill_budget
-                while self._waiting and len(self._running) - len(gone) + len(admit) < self.max_batch:
-                    # The engine prefills a prompt when it is added, while the running rows wait:
-                    # a burst of long prompts joins over several steps instead of in one long stall.
-                    if admit and len(self._waiting[0].prompt_ids) > budget:
-                        break
-                    budget -= len(self._waiting[0].prompt_ids)
-                    admit.append(self._waiting.popleft())
-            for job in gone:
+                new = list(self._inbox)
+                self._inbox.clear()
+                running, waiting = self._counts
+                self._counts = (running, waiting + len(new))  # the queue bound still counts them
+            for job in new:
+                self._hand_over(job)
+            for job in [j for j in self._jobs if j.cancelled]:
                 self._release(job)
-            for job in admit:
-                self._admit(job)
-            if self._running:
+            if self.engine.busy:
                 self._step()
+            self._count()
         self._shutdown()
 
-    def _admit(self, job: Job) -> None:
+    def _count(self) -> None:
+        with self._cv:
+            self._counts = (len(self.engine.requests), len(self.engine.waiting))
+
+    def _hand_over(self, job: Job) -> None:
+        if job.cancelled:
+            return
         try:
-            job.handle = self.engine.add(job.prompt_ids, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
-                                         stop_strings=job.stop or ())
+            job.handle = self.engine.submit(job.prompt_ids, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
+                                            stop_strings=job.stop or ())
         except GemmaError as e:  # the engine found something the handler's checks did not
             job.push(Failed(APIError(400, str(e))))
             return
-        except Exception:  # noqa: BLE001 - a bug must fail this request, not stop the thread
-            log.exception("adding a request failed")
-            job.push(Failed(APIError(500, "internal error while reading the prompt", type="server_error")))
-            return
-        with self._cv:
-            self._running.append(job)
+        self._jobs.append(job)
 
     def _release(self, job: Job) -> None:
-        with self._cv:
-            self._running.remove(job)
+        self._jobs.remove(job)
         self.engine.cancel(job.handle)  # a no-op for a finished request
 
     def _step(self) -> None:
         try:
             deltas = self.engine.step()
         except Exception:  # noqa: BLE001 - a bug must fail these requests, not the server
-            log.exception("decode step failed; failing the running requests")
-            for job in list(self._running):
+            log.exception("engine step failed; failing its requests")
+            for job in list(self._jobs):
                 job.push(Failed(APIError(500, "internal error during generation", type="server_error")))
                 self._release(job)
             return
+        self._count()  # before any job hears of this step
         self.steps += 1
         self.rows_stepped += len(deltas)
-        jobs = {id(j.handle): j for j in self._running}
+        jobs = {id(j.handle): j for j in self._jobs}
         done = []
         for delta in deltas:
             job = jobs[id(delta.request)]
@@ -183,15 +187,14 @@ class Scheduler:
                 job.push(Finished(delta.request.finish_reason, len(delta.request.output_ids)))
                 done.append(job)
         if done:
-            with self._cv:
-                self._running = [j for j in self._running if j not in done]
+            self._jobs = [j for j in self._jobs if j not in done]
 
     def _shutdown(self) -> None:
         with self._cv:
-            jobs = list(self._running) + list(self._waiting)
-            self._waiting.clear()
+            jobs = list(self._jobs) + list(self._inbox)
+            self._inbox.clear()
         for job in jobs:
             job.push(Failed(APIError(503, "the server shut down before this request finished",
                                      type="server_error", code="shutting_down")))
-            if job in self._running:
+            if job in self._jobs:
                 self._release(job)

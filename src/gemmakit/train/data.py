@@ -10,7 +10,6 @@ every number of processes, and after a resume.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..loss import IGNORE  # the target of positions that carry no loss
+from ..model.loss import IGNORE  # the target of positions that carry no loss
+from ..paths import atomic_path, fingerprint
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".rs", ".go", ".java",
                  ".sh", ".toml", ".cfg", ".ini", ".tex", ".html", ".css", ".jsonl", ""}
@@ -113,25 +113,11 @@ class TokenRows:
         return self.tokens[i], (self.loss_mask[i] if self.loss_mask is not None else None)
 
 
-def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _open_rows(stem: Path, seq_len: int, masked: bool) -> tuple[np.ndarray, np.ndarray | None]:
     n = os.path.getsize(stem.with_suffix(".tokens")) // (4 * (seq_len + 1))
     tokens = np.memmap(stem.with_suffix(".tokens"), dtype=np.uint32, mode="r", shape=(n, seq_len + 1))
     mask = np.memmap(stem.with_suffix(".mask"), dtype=np.bool_, mode="r", shape=(n, seq_len + 1)) if masked else None
     return tokens, mask
-
-
-def _fingerprint(spec: SourceSpec, files: list[Path], extra: dict) -> str:
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def pack_text(spec: SourceSpec, encode: Callable[[str], list[int]], eos_id: int, seq_len: int, cache: Path,
@@ -140,11 +126,9 @@ def pack_text(spec: SourceSpec, encode: Callable[[str], list[int]], eos_id: int,
     by <eos>, cut into consecutive rows (the last token of a row is the first of the next, so every
     token is a target once). Tokenized once; later runs reuse the file."""
     files = spec.files()
-    stem = cache / f"text-{_fingerprint(spec, files, {'seq_len': seq_len, 'seed': seed, 'tok': tokenizer_key})}"
+    stem = cache / f"text-{fingerprint(files, {'seq_len': seq_len, 'seed': seed, 'tok': tokenizer_key})}"
     if not stem.with_suffix(".tokens").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-
-        def write(tmp: Path) -> None:
+        with atomic_path(stem.with_suffix(".tokens")) as tmp:
             carry: list[int] = []
             n_rows = 0
             # Files are shuffled, then streamed one document at a time: the held-out tail is a
@@ -161,11 +145,8 @@ def pack_text(spec: SourceSpec, encode: Callable[[str], list[int]], eos_id: int,
                         n_rows += n_full
                         carry = carry[n_full * seq_len:]
             if n_rows == 0:
-                os.unlink(tmp)
                 raise DataError(f"{spec.pattern}: {len(carry)} tokens, fewer than one sequence of {seq_len + 1}; "
                                 "use more data or a smaller --seq-len")
-
-        _atomic_save(stem.with_suffix(".tokens"), write)
     tokens, _ = _open_rows(stem, seq_len, masked=False)
     return TokenRows(tokens, None, spec.weight, spec.pattern)
 
@@ -175,7 +156,7 @@ def pack_chats(spec: SourceSpec, render: Callable[[object, str], tuple[list[int]
     """A chat source as rows of seq_len + 1 tokens: whole conversations packed greedily, in file
     order, padded at the end of a row; `render` gives each conversation's ids and loss mask."""
     files = spec.files()
-    stem = cache / f"chat-{_fingerprint(spec, files, {'seq_len': seq_len, 'tok': tokenizer_key})}"
+    stem = cache / f"chat-{fingerprint(files, {'seq_len': seq_len, 'tok': tokenizer_key})}"
     if not stem.with_suffix(".tokens").exists():
         cache.mkdir(parents=True, exist_ok=True)
         rows_t: list[np.ndarray] = []
@@ -204,8 +185,9 @@ def pack_chats(spec: SourceSpec, render: Callable[[object, str], tuple[list[int]
         flush()
         if not rows_t:
             raise DataError(f"{spec.pattern}: no conversations")
-        _atomic_save(stem.with_suffix(".mask"), lambda tmp: np.stack(rows_m).tofile(tmp))
-        _atomic_save(stem.with_suffix(".tokens"), lambda tmp: np.stack(rows_t).tofile(tmp))
+        for suffix, rows in ((".mask", rows_m), (".tokens", rows_t)):  # the tokens last: they mark the pair done
+            with atomic_path(stem.with_suffix(suffix)) as tmp:
+                np.stack(rows).tofile(tmp)
     tokens, mask = _open_rows(stem, seq_len, masked=True)
     return TokenRows(tokens, mask, spec.weight, spec.pattern)
 

@@ -65,7 +65,7 @@ def wrap(model: nn.Module, world: World, strategy: str = "ddp") -> nn.Module:
 
 
 def _blocks(model: nn.Module):
-    from ..model import Block
+    from ..model.gemma import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 

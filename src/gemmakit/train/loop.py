@@ -24,13 +24,13 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm.auto import tqdm
 
-from .. import load as load_model
-from ..config import PRESETS, GemmaConfig
+from ..lm import load as load_model
+from ..config import PRESETS, GemmaConfig, check_fields
 from ..errors import ConfigError, DataError
 from ..lm import LM
-from ..model import Block, Gemma
+from ..model.gemma import Block, Gemma
 from ..tokenizer import Tokenizer
-from . import chat, checkpoint, data, distributed, lora, metrics, vocab
+from . import conversations, data, distributed, lora, metrics, state, vocab
 
 
 @dataclass
@@ -87,10 +87,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown training setting {unknown[0]!r}")
+        check_fields(cls, values, ConfigError, "training setting")
         return cls(**values)
 
 
@@ -141,10 +138,7 @@ def _tokenizer(cfg: TrainConfig, model: Gemma, tok: Tokenizer | None, out: Path,
         specs = [data.SourceSpec.parse(s) for s in cfg.data]
         texts = (text for spec in specs for _, text in data.documents(spec))
         trained = vocab.train_tokenizer(texts, model.config.vocab_size, family=model.config.family)
-        tmp = out / "tokenizer.partial"
-        tmp.mkdir(exist_ok=True)
-        os.replace(trained.save(tmp), path)
-        tmp.rmdir()
+        trained.save(out)  # out/tokenizer.model, written whole
     _barrier(world)
     return Tokenizer.from_file(path, family=model.config.family)
 
@@ -170,7 +164,7 @@ def _sources(cfg: TrainConfig, tok: Tokenizer, world) -> list[data.TokenRows]:
 
 
 def _render(tok: Tokenizer, messages, where: str):
-    return chat.render(tok, messages, where)
+    return conversations.render(tok, messages, where)
 
 
 def _barrier(world) -> None:
@@ -204,7 +198,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-    if not cfg.resume and checkpoint.checkpoints(ckpt_dir):
+    if not cfg.resume and state.checkpoints(ckpt_dir):
         raise ConfigError(f"{out} already holds training checkpoints; pass --resume, or choose another --out")
 
     model, tok = _base_model(cfg)
@@ -238,9 +232,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                     "val_fraction": cfg.val_fraction, "max_steps": cfg.max_steps, "sft": cfg.sft,
                     "lora_rank": cfg.lora_rank, "lora_targets": sorted(cfg.lora_targets) if cfg.lora_rank else []}}
     start = 0
-    found = checkpoint.checkpoints(ckpt_dir) if cfg.resume else []
+    found = state.checkpoints(ckpt_dir) if cfg.resume else []
     if found:
-        start = checkpoint.load(found[-1], model, optimizer, scheduler, meta)
+        start = state.load(found[-1], model, optimizer, scheduler, meta)
     if world.main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         log = metrics.MetricsLog(out / "metrics.jsonl", resume_step=start)
@@ -314,7 +308,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             if val_loss is not None and world.main:
                 log.write({"step": done, "val_loss": val_loss})
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            checkpoint.save(ckpt_dir, model, optimizer, scheduler, done, meta, cfg.keep_last, world.main)
+            state.save(ckpt_dir, model, optimizer, scheduler, done, meta, cfg.keep_last, world.main)
         bar.update(1)
         if on_step is not None:
             on_step(done, record)
@@ -351,11 +345,9 @@ def save_model(lm: LM, out: Path, progress: bool = True) -> None:
     finds a config without its weights."""
     import shutil
 
-    from ..checkpoints import hf
-
     staging = out / ".model.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    hf.save(lm, staging, progress=progress)
+    lm.save(staging, progress=progress)
     for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(f, out / f.name)
     staging.rmdir()

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..paths import atomic_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -65,9 +66,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = _lora_config(model)
     state = peft.get_peft_model_state_dict(model)
-    tmp = folder / "adapter_model.partial.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, folder / "adapter_model.safetensors")
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
     config.save_pretrained(str(folder))
     return folder
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from ..paths import atomic_path
 
 
 class MetricsLog:
@@ -12,9 +13,8 @@ class MetricsLog:
         self.path = Path(path)
         # A resumed run rewrites the steps after its checkpoint, so the file stays one curve.
         kept = [r for r in read(self.path) if r["step"] <= resume_step] if resume_step else []
-        tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -48,8 +48,7 @@ def plot(metrics: Path, out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".partial.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

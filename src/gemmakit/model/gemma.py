@@ -2,7 +2,9 @@
 
 Gemma 1, 2 and 3 differ only by config fields: norms after attention/MLP (`post_norms`),
 soft-caps, the sliding-window layer pattern, QK-norm and per-layer RoPE theta.
-No I/O, sampling or tokenizer here: see `checkpoints/`, `engine.py`, `tokenizer.py`.
+No I/O, sampling or tokenizer here: see `checkpoints/`, `runtime/`, `tokenizer.py`. The KV cache's
+layout is the cache's own (cache.py); the masks per layer kind are masks.py's; the training head's
+cross-entropy is loss.py's.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import GemmaConfig, LayerKind
 from .cache import KVCache
-from .config import GemmaConfig
 from .loss import linear_cross_entropy
+from .masks import attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -121,7 +124,7 @@ class Block(nn.Module):
     def __init__(self, config: GemmaConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.sliding = config.is_sliding(layer)
+        self.kind = config.layer_kind(layer)
         d, eps = config.d_model, config.norm_eps
         post = config.post_norms
         self.attn_norm = RMSNorm(d, eps)
@@ -139,7 +142,7 @@ class Block(nn.Module):
 class TiedEmbedding(nn.Embedding):
     """The token embedding, which is also the output layer (logits = h @ E^T).
 
-    `attend` is the output layer, so that `quantize.py` can swap the table for a quantized one.
+    `attend` is the output layer, so that `quantized.py` can swap the table for a quantized one.
     """
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +160,7 @@ class Gemma(nn.Module):
         self.config = config
         self.embed = TiedEmbedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.kinds = tuple(dict.fromkeys(config.layer_kinds))  # each kind's masks and RoPE are made once a forward
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         if not self.embed.weight.is_meta:
             self.reset_parameters()
@@ -166,6 +170,15 @@ class Gemma(nn.Module):
         so that a norm read into the wrong place changes the output."""
         for name, p in self.named_parameters():
             nn.init.normal_(p, std=norm_std if name.endswith("norm.weight") else std)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype: the norms', which stay float when the matrices are quantized."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
@@ -191,21 +204,18 @@ class Gemma(nn.Module):
         slots = cache.record(positions) if cache is not None else None
         G = c.n_heads // c.n_kv_heads
         ropes, masks = {}, {}
-        for sliding in {blk.sliding for blk in self.layers}:
+        for kind in self.kinds:
+            sliding = kind is LayerKind.SLIDING
             theta, scale = (c.rope_theta, 1.0) if sliding else (c.global_theta, c.rope_scale_global)
-            ropes[sliding] = rope_tables(positions, c.head_dim, theta, scale)
+            ropes[kind] = rope_tables(positions, c.head_dim, theta, scale)
             if plain_causal and (not sliding or T <= c.sliding_window):
-                masks[sliding] = None  # SDPA's own causal kernel, see Attention
-                continue
-            kv_pos = cache.positions(sliding) if cache is not None else positions  # (B, S)
-            q_pos = positions[:, :, None]  # (B, T, 1)
-            mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos)  # (B, T, S)
-            if sliding:
-                mask &= q_pos - kv_pos[:, None, :] < c.sliding_window
-            masks[sliding] = mask[:, None].repeat(1, 1, G, 1)  # (B, 1, G*T, S), see Attention
+                masks[kind] = None  # SDPA's own causal kernel, see Attention
+            else:
+                kv_pos = cache.positions(kind) if cache is not None else positions  # (B, S)
+                masks[kind] = attention_mask(kind, positions, kv_pos, c.sliding_window, G)  # (B, 1, G*T, S)
 
         for blk in self.layers:
-            x = blk(x, ropes[blk.sliding], masks[blk.sliding], cache, slots)
+            x = blk(x, ropes[blk.kind], masks[blk.kind], cache, slots)
         if not logits:
             return None
         if last_only:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from .. import kernels
 
 IGNORE = -100  # the target of positions that carry no loss, as in F.cross_entropy
 

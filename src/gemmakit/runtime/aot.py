@@ -1,4 +1,4 @@
-"""The decode step compiled ahead of time (AOTInductor), for `Engine(..., compile="aot")`.
+"""The decode step compiled ahead of time (AOTInductor): `Compile.AOT` (steps.py).
 
 A `torch.compile`d step still runs Python every token: Dynamo's guards, the code that gathers the
 ~400 weight tensors, and a Python wrapper that calls each kernel. At batch 1 on the default model
@@ -12,20 +12,23 @@ cached on disk by them.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import kernels, quantize
-from .cache import KVCache
-from .model import Gemma
+from .. import kernels
+from ..config import LayerKind
+from ..errors import GenerationError
+from ..model import Gemma, KVCache
+from ..model.quantized import mode_of
+from ..paths import atomic_path, cache_dir, fingerprint
 
-_TRACED = ("aot.py", "model.py", "cache.py", "quantize.py", "kernels/__init__.py")  # what a package compiles
+_PACKAGE = Path(__file__).parent.parent
+# What a package compiles: an edited or upgraded gemmakit gets a new one.
+_TRACED = [_PACKAGE / f for f in ("runtime/aot.py", "model/gemma.py", "model/masks.py", "model/cache.py",
+                                  "model/quantized.py", "kernels/__init__.py")]
 
 
 class _Step(nn.Module):
@@ -35,23 +38,20 @@ class _Step(nn.Module):
     def __init__(self, module: Gemma, cache: KVCache):
         super().__init__()
         self.model = module
-        self.shell = object.__new__(KVCache)  # tracing writes into this one, never the engine's
-        self.shell.__dict__.update(cache.__dict__)
+        self.cache = cache  # its layout; the step reads and writes its tensors through the buffers
         for i, (k, v) in enumerate(zip(cache.k, cache.v)):
             self.register_buffer(f"k{i}", k)
             self.register_buffer(f"v{i}", v)
-        for sliding, table in cache.pos.items():
-            self.register_buffer(f"pos{int(sliding)}", table)
+        for kind, table in cache.pos.items():
+            self.register_buffer(f"pos_{kind.value}", table)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-        B, c = tokens.shape[0], self.shell
-        c.k = [getattr(self, f"k{i}")[:B] for i in range(len(c.k))]
-        c.v = [getattr(self, f"v{i}")[:B] for i in range(len(c.v))]
-        c.pos = {s: getattr(self, f"pos{int(s)}")[:B] for s in list(c.pos)}
-        c.rows = torch.arange(B, device=tokens.device)[:, None]
-        c._extent = [span.shape[0]]
-        c._reserved = True
-        return self.model(tokens, positions, c, last_only=True)
+        B, n = tokens.shape[0], len(self.cache.k)
+        view = self.cache.over([getattr(self, f"k{i}")[:B] for i in range(n)],
+                               [getattr(self, f"v{i}")[:B] for i in range(n)],
+                               {kind: getattr(self, f"pos_{kind.value}")[:B] for kind in self.cache.pos},
+                               extent=span.shape[0])
+        return self.model(tokens, positions, view, last_only=True)
 
 
 class AOTDecode:
@@ -75,32 +75,25 @@ class AOTDecode:
 
 def _key(step: _Step) -> str:
     shapes = {n: (list(t.shape), str(t.dtype)) for n, t in step.state_dict().items()}
-    # The package is these files compiled: an edited or upgraded gemmakit gets a new one.
-    here = Path(__file__).parent
-    code = [hashlib.sha256((here / f).read_bytes()).hexdigest() for f in _TRACED]
-    text = json.dumps([step.model.config.to_dict(), shapes, torch.__version__, code,
-                       torch.backends.cpu.get_cpu_capability()], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return fingerprint(_TRACED, step.model.config.to_dict(), shapes, torch.__version__,
+                       torch.backends.cpu.get_cpu_capability())
 
 
 def build(module: Gemma, cache: KVCache) -> AOTDecode:
     """The step for this model and cache: read from the on-disk cache, or exported and compiled
     (about a minute a program for the default model) and stored there."""
-    from .default_model import cache_dir
-    from .errors import GenerationError
-
     if cache.k[0].device.type != "cpu":
-        raise GenerationError("compile='aot' builds the decode step for the CPU; use compile=True on other devices")
-    if min(cache.max_len, cache.ring) < 4:
+        raise GenerationError("compile='aot' builds the decode step for the CPU; use compile='torch' on other devices")
+    ring, top = cache.length(LayerKind.SLIDING), cache.max_len - 1
+    if ring < 4:
         raise GenerationError(f"compile='aot' needs a cache of at least 4 positions, got {cache.max_len}")
     step = _Step(module, cache)
     # One program for spans short of the sliding layers' ring, where those layers read `span`
     # slots, and one from the ring on, where they read all of it: a range that reaches a length
     # (ring, max_len) pins min(length, span) to one side. The one step at span max_len is eager.
-    ring, top = min(cache.max_len, cache.ring), cache.max_len - 1
     ranges = [(2, ring - 1)] + ([(ring, top)] if top > ring else [])
     key = _key(step)
-    if quantize.mode_of(module) == "int8":
+    if mode_of(module) == "int8":
         kernels.extension()  # registers the int8 op the packages call
     state = dict(step.named_parameters()) | dict(step.named_buffers())
     programs = []
@@ -128,8 +121,6 @@ def _compile(step: _Step, max_batch: int, lo: int, hi: int, path: Path) -> None:
     with torch.inference_mode():
         step(*example)  # eager once: binds the int8 kernel's op, which tracing only reads
     program = torch.export.export(step, example, dynamic_shapes=dims, strict=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                             inductor_configs={"aot_inductor.package_constants_in_so": False})
-    os.replace(tmp, path)  # a later run never loads half a package
+    with atomic_path(path) as tmp:  # a later run never loads half a package
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})

@@ -10,9 +10,12 @@ together), so a short sequence in a long cache does not pay for the empty tail.
 
 from __future__ import annotations
 
+import copy
+from typing import Sequence
+
 import torch
 
-from .config import GemmaConfig
+from ..config import GemmaConfig, LayerKind
 
 
 class KVCache:
@@ -26,12 +29,12 @@ class KVCache:
         # unless ring >= window + T - 1; a ring of 2 * window admits chunks of window + 1 tokens.
         self.ring = min(max_len, 2 * window) if window and ring else max_len
         self.max_chunk = max_len if self.ring == max_len else self.ring - window + 1
-        self.sliding = [config.is_sliding(i) for i in range(config.n_layers)]
-        shape = lambda s: (batch_size, config.n_kv_heads, self.length(s), config.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(s), dtype=dtype, device=device) for s in self.sliding]
-        self.v = [torch.zeros(shape(s), dtype=dtype, device=device) for s in self.sliding]
-        self.pos = {s: torch.full((batch_size, self.length(s)), -1, dtype=torch.long, device=device)
-                    for s in set(self.sliding)}
+        self.kinds = config.layer_kinds  # each layer's
+        shape = lambda kind: (batch_size, config.n_kv_heads, self.length(kind), config.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.kinds]
+        self.v = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.kinds]
+        self.pos = {kind: torch.full((batch_size, self.length(kind)), -1, dtype=torch.long, device=device)
+                    for kind in dict.fromkeys(self.kinds)}
         self.rows = torch.arange(batch_size, device=device)[:, None]
         self._extent = [0]  # 1 + the highest position written; a list so that views share it
         self._reserved = False
@@ -40,16 +43,17 @@ class KVCache:
     def batch_size(self) -> int:
         return self.rows.shape[0]
 
-    def length(self, sliding: bool) -> int:
-        return self.ring if sliding else self.max_len
+    def length(self, kind: LayerKind) -> int:
+        """Slots per row of a layer of this kind: the ring's for sliding layers."""
+        return self.ring if kind is LayerKind.SLIDING else self.max_len
 
-    def span(self, sliding: bool) -> int:
+    def span(self, kind: LayerKind) -> int:
         """How many slots attention reads: the used ones (slots fill from 0 until the ring wraps)."""
         # sym_min: under export the extent is a symbol, which a plain min() would pin to one side
-        return torch.sym_min(self.length(sliding), self._extent[0])
+        return torch.sym_min(self.length(kind), self._extent[0])
 
-    def positions(self, sliding: bool) -> torch.Tensor:
-        return self.pos[sliding][:, :self.span(sliding)]  # (B, S)
+    def positions(self, kind: LayerKind) -> torch.Tensor:
+        return self.pos[kind][:, :self.span(kind)]  # (B, S)
 
     def reserve(self, end: int) -> KVCache:
         """Vouches that the next forward pass writes only positions below `end`, so that `record`
@@ -64,7 +68,7 @@ class KVCache:
             raise IndexError(f"position {end - 1} is beyond the cache ({self.max_len})")
         self._extent[0] = max(self._extent[0], end)
 
-    def record(self, positions: torch.Tensor) -> dict[bool, torch.Tensor]:
+    def record(self, positions: torch.Tensor) -> dict[LayerKind, torch.Tensor]:
         """Claims the slots for new tokens at `positions` (B, T); returns the slots per layer kind."""
         if positions.shape[1] > self.max_chunk:  # the ring would overwrite keys this chunk still reads
             raise ValueError(f"a chunk of {positions.shape[1]} tokens is longer than the cache's max_chunk {self.max_chunk}")
@@ -73,17 +77,17 @@ class KVCache:
         else:
             self._extend(int(positions.max()) + 1)
         slots = {}
-        for sliding, table in self.pos.items():
-            slots[sliding] = positions % table.shape[1]
-            table[self.rows, slots[sliding]] = positions
+        for kind, table in self.pos.items():
+            slots[kind] = positions % table.shape[1]
+            table[self.rows, slots[kind]] = positions
         return slots
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, T, KV, D) go into their slots; returns this layer's whole cache (B, KV, S, D)."""
-        s = slots[self.sliding[layer]]
-        self.k[layer][self.rows, :, s] = k
-        self.v[layer][self.rows, :, s] = v
-        n = self.span(self.sliding[layer])
+        kind = self.kinds[layer]
+        self.k[layer][self.rows, :, slots[kind]] = k
+        self.v[layer][self.rows, :, slots[kind]] = v
+        n = self.span(kind)
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def reset(self, rows=None) -> None:
@@ -106,11 +110,28 @@ class KVCache:
         # Position p survives in the ring while p >= written - ring; the next query needs p >= length - window + 1.
         return length <= written and max(0, length - window + 1) >= written - self.ring
 
+    def reusable(self, held: Sequence[int], written: int, prompt: Sequence[int]) -> int:
+        """How many of `prompt`'s first tokens a row can keep (then `truncate` to) that holds the
+        keys of `held` from position 0 and has written positions [0, written): their common prefix,
+        short of the prompt's last token (always fed, for its logits), or 0 where the sliding ring
+        no longer holds what continuing there needs. The engine's slots and the evaluation scorer
+        both reuse prefixes by this rule."""
+        n, limit = 0, min(len(held), len(prompt) - 1)
+        while n < limit and held[n] == prompt[n]:
+            n += 1
+        return n if n and self.resumable(written, n) else 0
+
     def swap(self, i: int, j: int) -> None:
         """Exchanges the contents of rows i and j (keys, values and positions)."""
         if i != j:
-            for t in (*self.k, *self.v, *self.pos.values()):
+            for t in self._tensors():
                 t[[i, j]] = t[[j, i]]
+
+    def copy_row(self, src: int, dst: slice) -> None:
+        """Rows `dst` take row `src`'s contents (keys, values and positions): K continuations of
+        one context, each in its own row."""
+        for t in self._tensors():
+            t[dst] = t[src:src + 1]
 
     def row_view(self, row: int) -> KVCache:
         """A cache of batch size 1 that shares row `row`'s storage (for prefilling rows one by one)."""
@@ -118,13 +139,27 @@ class KVCache:
 
     def rows_view(self, start: int, stop: int) -> KVCache:
         """A cache of rows [start, stop) that shares their storage (for decoding the active rows)."""
-        view = object.__new__(KVCache)
-        view.__dict__.update(self.__dict__)
+        view = copy.copy(self)  # shares the extent (a list), so a forward on the view extends this one
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
-        view.pos = {s: t[start:stop] for s, t in self.pos.items()}
+        view.pos = {kind: t[start:stop] for kind, t in self.pos.items()}
         view.rows = self.rows[:stop - start]
         return view
+
+    def over(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], pos: dict[LayerKind, torch.Tensor],
+             extent) -> KVCache:
+        """This cache's layout over other tensors of its shapes (the first B rows of each), reading
+        exactly `extent` positions and vouching for the next forward as `reserve` does: for a step
+        traced with the cache's tensors as its own buffers, where B and the extent are symbols."""
+        view = copy.copy(self)
+        view.k, view.v, view.pos = list(k), list(v), dict(pos)
+        view.rows = torch.arange(view.k[0].shape[0], device=view.k[0].device)[:, None]
+        view._extent = [extent]
+        view._reserved = True
+        return view
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, *self.pos.values()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

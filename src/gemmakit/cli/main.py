@@ -1,79 +1,25 @@
 """The `gemmakit` command: argparse subcommands over the same Python API a user would call.
 
-Each area with commands of its own (serve, train, eval, bench) has a `cli.py` with
-`register(subparsers)`, which adds its subcommands and sets `func` on each: `func(args) -> int`.
+generate, chat, info and convert are here; each area with commands of its own (serve, train,
+eval, bench) has a `register(subparsers)` that adds its subcommands and sets `func` on each:
+`func(args) -> int`. The model and sampling options they share are in options.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 
-from .errors import GemmaError
+from .. import bench
+from ..errors import GemmaError
+from ..eval import cli as eval_cli
+from ..serve import cli as serve_cli
+from ..train import cli as train_cli
+from .options import add_model_args, add_sampling_args, load_model, sampling_from
 
-AREAS = ["gemmakit.serve.cli", "gemmakit.train.cli", "gemmakit.eval.cli", "gemmakit.bench"]
-
-
-def add_model_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
-    """--model/--dtype/--device..., shared by every command that loads a model; compile=False for
-    commands that never decode, where --compile would do nothing."""
-    p.add_argument("--model", "-m", default=None,
-                   help="HF folder, .ckpt/.bin, .gguf, or preset name (default: the real Gemma 3 270M)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use")
-    p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
-    if compile:
-        p.add_argument("--compile", nargs="?", const="torch", choices=["torch", "aot"], default=False,
-                       help="compile the decode step: faster tokens after about a minute of compiling on first use; "
-                            "`--compile aot`: ahead of time (AOTInductor, no Python left in a step; the compiled "
-                            "step is cached on disk)")
-
-
-def load_model(args: argparse.Namespace, progress: bool = True):
-    import gemmakit
-    from .default_model import default_model_path, default_model_source
-
-    default = args.model is None
-    source = default_model_source(progress) if default else args.model
-    if getattr(args, "quantize", None):
-        from . import quantize
-
-        if args.device != "cpu" or getattr(args, "tokenizer", None) or getattr(args, "variant", None):
-            raise GemmaError("--quantize runs on the CPU with the checkpoint's own tokenizer and variant "
-                             "(drop --device, --tokenizer and --variant)")
-        # float32 (the flag's default) means the mode's own activation dtype: int4's kernel needs bfloat16.
-        dtype = None if args.dtype == "float32" else args.dtype
-        lm = quantize.load(source, args.quantize, dtype=dtype, progress=progress)
-    else:
-        lm = gemmakit.load(source, dtype=args.dtype, device=args.device, variant=getattr(args, "variant", None),
-                           tokenizer=getattr(args, "tokenizer", None), progress=progress)
-    lm.compile = getattr(args, "compile", False)
-    if default:  # named for the checkpoint it was converted from (the name servers show clients)
-        lm.source = str(default_model_path())
-    return lm
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def sampling_from(args: argparse.Namespace):
-    from .sampling import Sampling
-
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+AREAS = (serve_cli, train_cli, eval_cli, bench)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -141,11 +87,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoints import hf
-
     args.model = args.src
     lm = load_model(args)
-    out = hf.save(lm, args.dst)
+    out = lm.save(args.dst)
     print(f"wrote {out}")
     return 0
 
@@ -181,14 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--variant", default=None)
     p.set_defaults(func=cmd_convert)
-    for name in AREAS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):  # the area is not there yet; its own imports must work
-                continue
-            raise
-        module.register(sub)
+    for area in AREAS:
+        area.register(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 quantization, gpt-fast style, and a cache of converted models on disk.
+"""Weight-only int8 and int4 quantization, gpt-fast style: a module swap the model file never sees.
 
 `quantize(module, "int8")` swaps every `nn.Linear` and the tied embedding/output head for modules
 that hold integer weights and their scales; norms, attention and the KV cache run in `dtype`.
@@ -12,32 +12,43 @@ that hold integer weights and their scales; norms, attention and the KV cache ru
   channel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, whose packed layout we also read back);
   bfloat16 activations, which that kernel needs.
 
-`load(source, mode)` converts a checkpoint once and keeps the result under the cache directory
-(safetensors + tokenizer), so later starts skip reading and dequantizing the source.
+Converted models are kept on disk by `checkpoints/converted.py`, a checkpoint source like any other.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import kernels
-from .errors import ConfigError
-from .model import Gemma, TiedEmbedding
+from .. import kernels
+from ..errors import ConfigError
+from .gemma import Gemma, TiedEmbedding
 
 MODES = ("int8", "int4")
 INT8_GROUP = 32  # int8's group size: the kernel's (and Q8_0's)
 _CHUNK = 4096  # output channels dequantized at a time where the kernel is unavailable
 _INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 (see _int4_unpack)
-_FORMAT = 3  # bump when the cached files change meaning
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a model's weights are quantized: `mode` "int8" or "int4", int4's `group_size`, and the
+    activations' `dtype` (None: the mode's own, see `default_dtype`)."""
+
+    mode: str
+    group_size: int = 32
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", default_dtype(self.mode))
 
 
 # -- the quantized modules ----------------------------------------------------------------------
@@ -132,9 +143,7 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, table: QuantizedLinear, dtype: torch.dtype):
         super().__init__()
         self.table = table  # (vocab, d_model) as a linear layer d_model -> vocab
-        # The engine and LM read `embed.weight` for the activation dtype and the device; an empty
-        # tensor carries both without a float copy of the table (and fails loudly if multiplied).
-        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=table.weight.device), persistent=False)
+        self.dtype = dtype  # of the rows it looks up: the activations'
 
     @property
     def num_embeddings(self) -> int:
@@ -145,7 +154,7 @@ class QuantizedEmbedding(nn.Module):
         return self.table.in_features
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.table.dequantize(tokens, self.weight.dtype)  # (..., d_model)
+        return self.table.dequantize(tokens, self.dtype)  # (..., d_model)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.table(x)  # (..., vocab)
@@ -162,14 +171,17 @@ def quantize(module: Gemma, mode: str = "int8", group_size: int = 32, dtype: tor
     for int8, bfloat16 for int4). A layer whose shape int4 cannot pack (see `int4_fits`) is
     quantized to int8 instead.
     """
-    _check_mode(mode)
-    if group_size not in (32, 64, 128, 256):
-        raise ConfigError(f"group_size must be 32, 64, 128 or 256, got {group_size}")
-    if mode == "int4":
+    q = Quantization(mode, group_size, dtype)
+    if q.mode == "int4":
         _check_int4_layout()
-    dtype = dtype or default_dtype(mode)
-    _swap(module, lambda w: QuantizedLinear.from_float(w, _layer_mode(mode, w, group_size), group_size, dtype), dtype)
+    _swap(module, lambda w: QuantizedLinear.from_float(w, _layer_mode(q.mode, w, q.group_size), q.group_size,
+                                                       q.dtype), q.dtype)
     return module.eval()
+
+
+def quantized_parameters(module: nn.Module) -> int:
+    """The weights the quantized layers hold, counted as the float model's parameters would be."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
 
 
 def mode_of(module: nn.Module) -> str | None:
@@ -202,13 +214,12 @@ def _swap(module: Gemma, make, dtype: torch.dtype) -> None:
         p.data = p.data.to(dtype)
 
 
-def quantized_skeleton(config, mode: str, group_size: int = 32, dtype: torch.dtype | None = None) -> Gemma:
+def quantized_skeleton(config, q: Quantization) -> Gemma:
     """A quantized model with uninitialised (meta) tensors, for `load_state_dict(..., assign=True)`."""
-    dtype = dtype or default_dtype(mode)
     with torch.device("meta"):
         module = Gemma(config)
-    _swap(module, lambda w: QuantizedLinear(w.shape[1], w.shape[0], _layer_mode(mode, w, group_size), group_size,
-                                            dtype, device="meta"), dtype)
+    _swap(module, lambda w: QuantizedLinear(w.shape[1], w.shape[0], _layer_mode(q.mode, w, q.group_size),
+                                            q.group_size, q.dtype, device="meta"), q.dtype)
     return module
 
 
@@ -244,73 +255,3 @@ def _check_int4_layout() -> None:
         raise ConfigError(f"int4 needs torch's CPU int4 kernels, which this torch build lacks ({e}); use int8") from None
     if not torch.equal(_int4_unpack(packed, 64).to(torch.int32), ints):
         raise ConfigError(f"int4: torch {torch.__version__} packs int4 weights in an unknown layout; use int8")
-
-
-# -- converted models on disk -------------------------------------------------------------------
-def cache_path(source: str | os.PathLike, mode: str, group_size: int = 32, dtype: torch.dtype | None = None) -> Path:
-    """Where the converted `source` lives: keyed by the file(s) (path, size, mtime), the mode, and
-    the torch version and CPU capability (the int4 layout is the kernel's)."""
-    from .default_model import cache_dir
-
-    src = Path(source).resolve()
-    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
-    key = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    key.update(f"{mode}\0{group_size}\0{dtype or default_dtype(mode)}\0{torch.__version__}\0"
-               f"{torch.backends.cpu.get_cpu_capability()}\0{_FORMAT}".encode())
-    return cache_dir() / "quantized" / f"{src.stem}-{mode}-{key.hexdigest()[:16]}"
-
-
-def load(source: str | os.PathLike, mode: str = "int8", group_size: int = 32, dtype: torch.dtype | None = None,
-         progress: bool = True):
-    """An LM with quantized weights, converted on first use and read from the cache after that
-    (a preset name gives random weights, quantized in memory)."""
-    import gemmakit
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from .config import GemmaConfig
-    from .lm import LM
-    from .tokenizer import Tokenizer
-
-    _check_mode(mode)
-    dtype = gemmakit._dtype(dtype) if dtype is not None else default_dtype(mode)
-    if isinstance(source, str) and source in gemmakit.PRESETS and not os.path.exists(source):
-        lm = gemmakit.load(source)  # random weights: nothing worth caching
-        quantize(lm.module, mode, group_size, dtype)
-        return lm
-    folder = cache_path(source, mode, group_size, dtype)
-    if not (folder / "model.safetensors").is_file():
-        lm = gemmakit.load(source, dtype=torch.float32, progress=progress)
-        quantize(lm.module, mode, group_size, dtype)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
-        try:  # written in a temporary folder and renamed: a later run never trusts half a model
-            meta = {"config": lm.config.to_dict(), "mode": mode, "group_size": group_size, "dtype": str(dtype)}
-            (tmp / "quantized.json").write_text(json.dumps(meta))
-            save_file({k: v.contiguous() for k, v in lm.module.state_dict().items()}, str(tmp / "model.safetensors"))
-            if lm.tokenizer is not None:
-                lm.tokenizer.save(tmp)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return LM(lm.module, lm.tokenizer, source=str(source))
-    meta = json.loads((folder / "quantized.json").read_text())
-    config = GemmaConfig.from_dict(meta["config"])
-    module = quantized_skeleton(config, mode, group_size, dtype)
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        # int8: the tensors stay memory-mapped from the file (pages read on first use, never held
-        # twice: 270 MB less at peak for the default model). int4: copied into torch's own memory,
-        # since torch's int4 CPU kernel segfaulted (torch 2.13) on the mapped tensors, whose start
-        # is only 8-byte aligned.
-        state = {name: f.get_tensor(name) for name in f.keys()}
-    if mode != "int8":
-        state = {name: t.clone() for name, t in state.items()}
-    module.load_state_dict(state, strict=True, assign=True)
-    module.embed.weight = torch.empty(0, dtype=dtype)  # the meta placeholder, made real
-    tokenizer_file = next((p for p in (folder / "tokenizer.model", folder / "tokenizer.json") if p.is_file()), None)
-    tokenizer = Tokenizer.from_file(tokenizer_file, family=config.family) if tokenizer_file else None
-    return LM(module.eval(), tokenizer, source=str(source))

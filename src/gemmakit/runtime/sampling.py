@@ -13,8 +13,9 @@ from typing import Sequence
 
 import torch
 
-from . import kernels
-from .errors import GenerationError
+from .. import kernels
+from ..config import check_fields
+from ..errors import GenerationError
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,7 @@ class Sampling:
         return self.temperature == 0
 
     def replace(self, **changes) -> Sampling:
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise GenerationError(f"unknown sampling field {unknown[0]!r}; known: "
-                                  + ", ".join(f.name for f in dataclasses.fields(self)))
+        check_fields(Sampling, changes, GenerationError, "sampling field")
         return dataclasses.replace(self, **changes)
 
 

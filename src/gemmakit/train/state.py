@@ -8,7 +8,6 @@ back with `weights_only=True`; the last `keep` are kept. Works for plain, DDP an
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..errors import CheckpointError
+from ..paths import atomic_path
 
 PATTERN = re.compile(r"step-(\d+)\.pt$")
 
@@ -34,10 +34,9 @@ def save(folder: Path, model, optimizer, scheduler, step: int, meta: dict, keep:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.pt"
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step,
-                "rng": torch.get_rng_state(), "meta": meta}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "step": step, "rng": torch.get_rng_state(), "meta": meta}, tmp)
     for old in checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink()
     return path

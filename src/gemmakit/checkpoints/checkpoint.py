@@ -1,0 +1,74 @@
+"""What every checkpoint reader returns (`Checkpoint`, `TensorRef`), and the model built from one.
+
+A Checkpoint holds the config, the tokenizer (when the files hold one) and the tensors under the
+model's own names as lazy references, so that a model is built one tensor at a time and never
+holds two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import GemmaConfig
+from ..errors import CheckpointError
+from ..model import Gemma
+from ..model.quantized import Quantization, quantized_skeleton
+from ..tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]  # reads the tensor (from an mmap where the format allows)
+
+
+@dataclass
+class Checkpoint:
+    source: str  # the path, for error messages
+    config: GemmaConfig
+    tensors: dict[str, TensorRef]  # the model's own parameter names
+    tokenizer: Tokenizer | None = None
+    quantization: Quantization | None = None  # tensors already quantized (converted.py), in their final dtypes
+
+
+def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+          progress: bool = True) -> Gemma:
+    """The model with the checkpoint's weights, every parameter accounted for (no partial loads).
+    A quantized checkpoint's tensors keep their own dtypes (`dtype` is the float ones')."""
+    config = ckpt.config
+    if ckpt.quantization is None:
+        with torch.device("meta"):
+            model = Gemma(config)
+    else:
+        model = quantized_skeleton(config, ckpt.quantization)
+        dtype = None
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    missing = sorted(set(expected) - set(ckpt.tensors))
+    unexpected = sorted(set(ckpt.tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{ckpt.source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{ckpt.source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, shape in expected.items():
+        got = tuple(ckpt.tensors[name].shape)
+        # The JAX checkpoints pad the embedding to 256128 rows; the tokenizer's size is the truth.
+        padded_embedding = name == "embed.weight" and got[1:] == shape[1:] and got[0] > shape[0]
+        if got != shape and not padded_embedding:
+            if name == "embed.weight" and got[1:] == shape[1:]:
+                raise CheckpointError(f"{ckpt.source}: embed.weight has {got[0]} rows but the tokenizer has {shape[0]} tokens")
+            raise CheckpointError(f"{ckpt.source}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+
+    state = {}
+    for name in tqdm(expected, desc=f"loading {Path(ckpt.source).name}", unit="tensor", disable=not progress, leave=False):
+        t = ckpt.tensors[name].load()
+        if name == "embed.weight":
+            t = t[: config.vocab_size]
+        state[name] = t.to(device=device, dtype=dtype)
+        del t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,58 @@
+"""The model and sampling options that every `gemmakit` subcommand shares, and the model they load."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..runtime.sampling import Sampling
+
+
+def add_model_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
+    """--model/--dtype/--device..., shared by every command that loads a model; compile=False for
+    commands that never decode, where --compile would do nothing."""
+    p.add_argument("--model", "-m", default=None,
+                   help="HF folder, .ckpt/.bin, .gguf, or preset name (default: the real Gemma 3 270M)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 (the default) or bfloat16; with --quantize, the activations' (int4: bfloat16)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use")
+    p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
+    if compile:
+        p.add_argument("--compile", nargs="?", const="torch", choices=["eager", "torch", "aot"], default=None,
+                       help="compile the decode step: faster tokens after about a minute of compiling on first use; "
+                            "`--compile aot`: ahead of time (AOTInductor, no Python left in a step; the compiled "
+                            "step is cached on disk)")
+
+
+def load_model(args: argparse.Namespace, progress: bool = True):
+    """The model the options name (`gemmakit.load` with them); with no --model, the default model."""
+    from ..checkpoints.default import default_model_path, default_model_source
+    from ..lm import load
+
+    default = args.model is None
+    source = default_model_source(progress) if default else args.model
+    lm = load(source, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
+              compile=getattr(args, "compile", None), tokenizer=getattr(args, "tokenizer", None),
+              variant=getattr(args, "variant", None), progress=progress)
+    if default:  # named for the checkpoint it was converted from (the name servers show clients)
+        lm.source = str(default_model_path())
+    return lm
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
