@@ -21,9 +21,9 @@ import torch
 
 import gemmakit
 from gemmakit import kernels
-from gemmakit.runtime.aot import _Step
-from gemmakit.model import KVCache
 from gemmakit.checkpoints.default import default_model_source
+from gemmakit.model import KVCache
+from gemmakit.runtime.aot import _Step
 
 MAX_LEN = 512
 

@@ -42,7 +42,9 @@ def figures(batch_sizes) -> list[tuple[str, str, str]]:
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
-    from gemmakit.bench import bench_prompt  # the very ids gemmakit's own measurement uses
+    from gemmakit.bench import (
+        bench_prompt,  # the very ids gemmakit's own measurement uses
+    )
 
     return bench_prompt(vocab, n)
 

@@ -29,10 +29,11 @@ import torch
 
 import gemmakit
 from gemmakit.checkpoints.default import default_model_path
-from gemmakit.paths import cache_dir
 from gemmakit.eval import evaluate
 from gemmakit.eval.lm_eval_bridge import GemmakitLM, evaluate_local, local_mc_task
 from gemmakit.eval.mc import mmlu
+from gemmakit.paths import cache_dir
+
 
 def hf_folder(lm) -> Path:
     """The GGUF as a Hugging Face folder, written once into the cache."""

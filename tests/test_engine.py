@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from gemmakit.config import GemmaConfig
-from gemmakit.runtime.engine import Engine
-from gemmakit.runtime.text import TextStream
 from gemmakit.errors import GenerationError
 from gemmakit.model import Gemma
+from gemmakit.runtime.engine import Engine
 from gemmakit.runtime.sampling import Sampling
+from gemmakit.runtime.text import TextStream
 from gemmakit.tokenizer import Tokenizer
 
 WINDOW = 8  # small, so that prompts and outputs run past it and the sliding layers' ring wraps

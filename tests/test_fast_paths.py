@@ -4,13 +4,12 @@ rows, VNNI for several, dense blocks for many; torch's int4 kernel)."""
 
 import pytest
 import torch
+from test_quantize import TINY3, tiny_model  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 from gemmakit import kernels
+from gemmakit.model import Gemma
 from gemmakit.model import quantized as Q
 from gemmakit.runtime.engine import Engine
-from gemmakit.model import Gemma
-
-from test_quantize import TINY3, tiny_model  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 
 def greedy_margin(model: Gemma, prompt: list[int], output: list[int]) -> float:

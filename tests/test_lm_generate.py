@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gemmakit.config import GemmaConfig
-from gemmakit.runtime.engine import Engine
 from gemmakit.errors import GenerationError, TokenizerError
 from gemmakit.lm import LM
 from gemmakit.model import Gemma
+from gemmakit.runtime.engine import Engine
 from gemmakit.runtime.sampling import Sampling
 from gemmakit.tokenizer import Tokenizer
 

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmakit.model import loss
 from gemmakit.config import GemmaConfig
-from gemmakit.model import Gemma
+from gemmakit.model import Gemma, loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

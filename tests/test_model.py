@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from gemmakit.model import KVCache
 from gemmakit.config import GemmaConfig, LayerKind
-from gemmakit.model import Gemma
+from gemmakit.model import Gemma, KVCache
 
 WINDOW = 8
 COMMON = dict(vocab_size=300, d_model=64, head_dim=16, ffn_dim=128, max_seq_len=128)

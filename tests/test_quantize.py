@@ -6,12 +6,11 @@ import torch
 
 import gemmakit
 from gemmakit import kernels
-from gemmakit.model import quantized as Q
-from gemmakit.model import KVCache
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import ConfigError
 from gemmakit.lm import LM
-from gemmakit.model import Gemma
+from gemmakit.model import Gemma, KVCache
+from gemmakit.model import quantized as Q
 
 # Gemma 3 features (QK-norm, post-norms, sliding window) in a model small enough for every test;
 # k_proj/v_proj have 32 outputs, which int4 cannot pack: they exercise the int8 fallback.

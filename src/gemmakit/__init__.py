@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from .config import PRESETS, GemmaConfig
-from .errors import CheckpointError, ConfigError, GemmaError, GenerationError, TokenizerError
+from .errors import (
+           CheckpointError,
+           ConfigError,
+           GemmaError,
+           GenerationError,
+           TokenizerError,
+)
 from .lm import LM, load
 from .model import Gemma
 from .runtime.sampling import Sampling

@@ -13,7 +13,8 @@ from .checkpoints import converted
 from .config import PRESETS, GemmaConfig
 from .errors import ConfigError, GenerationError, TokenizerError
 from .model import Gemma
-from .model.quantized import Quantization, mode_of, quantize as quantize_module, quantized_parameters
+from .model.quantized import Quantization, mode_of, quantized_parameters
+from .model.quantized import quantize as quantize_module
 from .runtime.engine import Engine
 from .runtime.sampling import Sampling
 from .runtime.steps import Compile
@@ -22,11 +23,12 @@ from .tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, compile: Compile | str | None = None, tokenizer: str | os.PathLike | None = None,
          variant: str | None = None, seed: int = 0, progress: bool = True) -> LM:
     """A model ready to run, from a Hugging Face folder, an official .ckpt/.bin, a .gguf file,
-    or a preset name (random weights; see gemmakit.PRESETS).
+    or a preset name or a GemmaConfig (random weights, drawn after torch.manual_seed(seed); see
+    gemmakit.PRESETS).
 
     dtype: of the weights, or with `quantize` of the activations (default: float32; int4's bfloat16).
     quantize: "int8" or "int4" weight-only; a file is converted once and read from the cache
@@ -44,8 +46,11 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
     if q and device.type != "cpu" and q.mode == "int4":
         raise ConfigError(f"int4 runs on torch's CPU int4 kernel; it cannot run on {device} (use int8)")
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
+    name = f"random {source.family}" if isinstance(source, GemmaConfig) else str(source)  # what servers show
     if isinstance(source, str) and source in PRESETS and not os.path.exists(source):
-        config = PRESETS[source]
+        source = PRESETS[source]
+    if isinstance(source, GemmaConfig):
+        config = source
         with torch.device(device):
             torch.manual_seed(seed)
             module = Gemma(config)  # initialised: random matrices, norms at 0 (a scale of 1)
@@ -62,7 +67,7 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, devi
         if tok.vocab_size > config.vocab_size:
             raise TokenizerError(f"{tokenizer or source}: the tokenizer has {tok.vocab_size} tokens but the "
                                  f"model's embedding has {config.vocab_size} rows")
-    return LM(module, tok, source=str(source), compile=mode)
+    return LM(module, tok, source=name, compile=mode)
 
 
 def _device(device: str | torch.device) -> torch.device:

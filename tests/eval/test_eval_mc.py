@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from gemmakit.errors import DataError
-from gemmakit.lm import LM
-from gemmakit.model.quantized import quantize
 from gemmakit.eval import evaluate, make_task
 from gemmakit.eval.loglik import Scorer, encode_pair
 from gemmakit.eval.mc import fewshot_prompts, mmlu, mmlu_rows
+from gemmakit.lm import LM
+from gemmakit.model.quantized import quantize
 
 WORDS = "the quick brown fox jumps over a lazy dog while the model answers".split()
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import KVCache
 from ..errors import DataError
+from ..model import KVCache
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

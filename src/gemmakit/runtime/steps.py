@@ -16,9 +16,9 @@ import functools
 
 import torch
 
+from ..config import LayerKind
 from ..errors import ConfigError
 from ..model import Gemma, KVCache
-from ..config import LayerKind
 
 
 class Compile(str, enum.Enum):

@@ -20,7 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GemmaError, TokenizerError
 from ..runtime.sampling import Sampling
-from .protocol import APIError, ChatRequest, CompletionRequest, error_body, new_id, now, usage
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
 from .scheduler import Finished, Job, Piece, Scheduler
 
 log = logging.getLogger("gemmakit.serve")

@@ -24,10 +24,10 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm.auto import tqdm
 
-from ..lm import load as load_model
-from ..config import PRESETS, GemmaConfig, check_fields
+from ..config import GemmaConfig, check_fields
 from ..errors import ConfigError, DataError
 from ..lm import LM
+from ..lm import load as load_model
 from ..model.gemma import Block, Gemma
 from ..tokenizer import Tokenizer
 from . import conversations, data, distributed, lora, metrics, state, vocab
@@ -110,20 +110,12 @@ def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> flo
 # -- set-up ------------------------------------------------------------------------------------------
 def _base_model(cfg: TrainConfig) -> tuple[Gemma, Tokenizer | None]:
     source = cfg.model
-    if source in PRESETS and not os.path.exists(source) or source.endswith(".json") and os.path.isfile(source):
-        if source.endswith(".json"):
-            try:
-                config = GemmaConfig.from_dict(json.loads(Path(source).read_text()))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{source}: not valid JSON ({e.msg})") from None
-        else:
-            config = PRESETS[source]
-        torch.manual_seed(cfg.seed)
-        model = Gemma(config)
-        model.reset_parameters()
-        tok = Tokenizer.from_file(cfg.tokenizer, family=config.family) if cfg.tokenizer else None
-        return model, tok
-    lm = load_model(source, tokenizer=cfg.tokenizer, progress=cfg.progress)
+    if source.endswith(".json") and os.path.isfile(source):  # a config of our own: random weights
+        try:
+            source = GemmaConfig.from_dict(json.loads(Path(source).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e.msg})") from None
+    lm = load_model(source, tokenizer=cfg.tokenizer, seed=cfg.seed, progress=cfg.progress)
     return lm.module.float().train(), lm.tokenizer
 
 
@@ -329,7 +321,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 def _full_model(model, module: Gemma, config: GemmaConfig, world, cfg: TrainConfig) -> Gemma:
     """The trained weights as one plain module (FSDP2 shards gathered)."""
     if cfg.strategy == "fsdp" and world.size > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         plain = Gemma(config)
