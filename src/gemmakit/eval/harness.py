@@ -93,9 +93,7 @@ def _weights(lm) -> dict:
     """How the weights are held: a float32 run must not resume an int8 one of the same checkpoint."""
     if not hasattr(lm, "module"):
         return {}
-    from ..model.quantized import mode_of
-
-    return {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": mode_of(lm.module)}
+    return {"dtype": str(lm.dtype).removeprefix("torch."), "quantize": lm.quantization}
 
 
 def _resume(partial: Path, settings: dict) -> dict[int, dict]:
