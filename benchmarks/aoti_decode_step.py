@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = gemmakit.load(default_model_source(progress=False), quantize="int8", progress=False)
+    lm = gemmakit.load(default_model_source(progress=False), quantize="int8", compile=None, progress=False)
     model = lm.module.eval()
     assert kernels.extension() is not None, "the int8 kernel did not build"
     step = _Step(model, KVCache(model.config, 1, MAX_LEN, dtype=torch.float32))  # the engine's AOT step

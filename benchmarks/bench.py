@@ -23,12 +23,13 @@ import sys
 import time
 
 GEMMAKIT = {  # name -> `gemmakit bench` arguments
-    "gemmakit-float32": [],
-    "gemmakit-bfloat16": ["--dtype", "bfloat16"],
-    "gemmakit-int8": ["--quantize", "int8"],
-    "gemmakit-int8-compiled": ["--quantize", "int8", "--compile"],
+    "gemmakit": [],  # the default mode, as a user without flags gets it (its compiled step awaited)
+    "gemmakit-exact": ["--exact"],
+    "gemmakit-bfloat16": ["--quantize", "none", "--compile", "eager", "--dtype", "bfloat16"],
+    "gemmakit-int8": ["--quantize", "int8", "--compile", "eager"],
+    "gemmakit-int8-compiled": ["--quantize", "int8", "--compile", "torch"],
     "gemmakit-int8-aot": ["--quantize", "int8", "--compile", "aot"],
-    "gemmakit-int4": ["--quantize", "int4"],
+    "gemmakit-int4": ["--quantize", "int4", "--compile", "eager"],
 }
 PEERS = ["llama.cpp", "transformers-float32", "transformers-bfloat16"]
 
@@ -42,27 +43,16 @@ def figures(batch_sizes) -> list[tuple[str, str, str]]:
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
-    from gemmakit.bench import (
-        bench_prompt,  # the very ids gemmakit's own measurement uses
-    )
+    from gemmakit.bench import bench_prompt  # the very ids gemmakit's own measurement uses
 
     return bench_prompt(vocab, n)
 
 
 # -- peers ----------------------------------------------------------------------------------------
-def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes, extra_buffers: bool = True) -> dict:
+def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes) -> dict:
+    """llama.cpp as its users run it: llama-cpp-python's defaults (repacked CPU weights on)."""
     import llama_cpp as L
     import numpy as np
-
-    if not extra_buffers:  # Llama() has no switch for it; wrap the defaults it starts from
-        default = L.llama_cpp.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        L.llama_cpp.llama_model_default_params = params
 
     start = time.perf_counter()
     llm = L.Llama(model_path=path, n_ctx=prefill + 64, n_batch=prefill, n_threads=threads,
@@ -150,8 +140,7 @@ def run_one(name: str, args) -> dict:
         return _json_of(subprocess.run(cmd, capture_output=True, text=True))
     cmd = [sys.executable, __file__, "--peer", name, "--threads", str(args.threads),
            "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
-           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--model", args.model] if args.model else []) \
-        + (["--llama-no-extra-buffers"] if args.llama_no_extra_buffers else [])
+           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--model", args.model] if args.model else [])
     return _json_of(subprocess.run(cmd, capture_output=True, text=True))
 
 
@@ -168,8 +157,7 @@ def peer_main(args) -> None:
 
     path = args.model or str(default_model_path())
     if args.peer == "llama.cpp":
-        out = run_llamacpp(path, args.threads, args.prefill_tokens, args.decode_tokens, args.batch_sizes,
-                           extra_buffers=not args.llama_no_extra_buffers)
+        out = run_llamacpp(path, args.threads, args.prefill_tokens, args.decode_tokens, args.batch_sizes)
     else:
         out = run_transformers(path, args.threads, args.prefill_tokens, args.decode_tokens, args.peer.split("-")[1],
                                args.batch_sizes)
@@ -231,6 +219,27 @@ def plot(results: dict[str, dict], args, path: str) -> None:
     fig.savefig(path)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the vector units that pick kernels (theirs and ours)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [u for u in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if u in flags]
+    return f"{name} ({', '.join(units)})"
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file (default: gemmakit's default model)")
@@ -241,9 +250,6 @@ def main() -> None:
                    help="decode batch sizes (default 1,16; the plot wants 1,2,4,8,16)")
     p.add_argument("--only", default=None, help="comma-separated engines (default: all): "
                    + ", ".join([*GEMMAKIT, *PEERS]))
-    p.add_argument("--llama-no-extra-buffers", action="store_true",
-                   help="llama.cpp without its extra CPU buffer types (AMX, repacked weights): for VMs that "
-                        "advertise AMX but fault on it (exit -4, Illegal instruction); slows llama.cpp down")
     p.add_argument("--plot", default=None, help="write a PNG of tok/s against batch size here")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds, each running every engine once in turn; the table gives each figure's "
@@ -254,8 +260,9 @@ def main() -> None:
         peer_main(args)
         return
     names = args.only.split(",") if args.only else ["llama.cpp", *GEMMAKIT, *PEERS[1:]]
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {args.threads} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, "
+          f"load average {os.getloadavg()[0]:.2f}; llama-cpp-python {_version('llama_cpp_python')}, "
+          f"torch {_version('torch')}", flush=True)
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     for _ in range(args.repeat):
         for name in names:

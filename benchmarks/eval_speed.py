@@ -65,7 +65,7 @@ def main() -> None:
     # lm-eval reads the local JSONL through `datasets`: keep it off the hub and out of the user's cache.
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(work / "hf-cache"))
 
-    lm = gemmakit.load(default_model_path(), dtype="float32", progress=False)
+    lm = gemmakit.load(default_model_path(), dtype="float32", quantize=None, compile=None, progress=False)
     task = mmlu(lm, shots=5, per_subject=args.per_subject)
     task.items = task.items[:args.items]
     data = work / "items.jsonl"

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = gemmakit.load(default_model_source(False), quantize="int8", progress=False)
+    lm = gemmakit.load(default_model_source(False), quantize="int8", compile=None, progress=False)
     ids = lm.tokenizer.encode(TEXT.read_text())
     ids = (ids * (args.prompt_tokens // len(ids) + 1))[:args.prompt_tokens]
     outputs = {}

@@ -27,8 +27,8 @@ def load(mode: str):
 
     source = default_model_source(progress=False)
     if mode in ("float32", "bfloat16"):
-        return gemmakit.load(source, dtype=mode, progress=False)
-    return gemmakit.load(source, quantize=mode, progress=False)
+        return gemmakit.load(source, dtype=mode, quantize=None, compile=None, progress=False)
+    return gemmakit.load(source, quantize=mode, compile=None, progress=False)
 
 
 def greedy_ids(lm, prompts: list[list[int]], streams: int, n: int = 32) -> list[list[int]]:

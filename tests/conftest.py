@@ -1,6 +1,7 @@
 """Shared fixtures: the real Gemma 3 270M GGUF, the llama.cpp reference, a real Gemma 1/2 tokenizer."""
 
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -9,6 +10,11 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+# compile="auto" (the default) decodes eagerly while another process compiles the step, a process
+# that outlives the test that started it; here only tests/test_auto_mode.py, which waits for it,
+# may start one (it clears this for itself). The CLI tests' subprocesses inherit it.
+os.environ["GEMMAKIT_COMPILE"] = "eager"
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +27,11 @@ def real_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def real_lm(real_gguf):
-    """The real GGUF loaded in float32, shared by the tests that only read it."""
+    """The real GGUF loaded exactly (float32, the file's blocks dequantized), shared by the tests
+    that only read it."""
     import gemmakit
 
-    return gemmakit.load(real_gguf, progress=False)
+    return gemmakit.load(real_gguf, quantize=None, compile=None, progress=False)
 
 
 @pytest.fixture(scope="session")

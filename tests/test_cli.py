@@ -107,3 +107,14 @@ def test_quantize_flag_loads_a_quantized_model():
         assert_one_line_error(result, "device cuda: this torch build has no CUDA")
     result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int3")
     assert result.returncode == 2 and "int3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_exact_is_one_flag_and_refuses_a_contradiction():
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--exact", "--quantize", "int8")
+    assert_one_line_error(result, "--exact")
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--exact", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["dtype"] == "float32" and info["quantize"] is None
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int8", "--json")
+    assert json.loads(result.stdout)["quantize"] == "int8"

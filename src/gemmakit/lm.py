@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -17,30 +19,41 @@ from .model.quantized import Quantization, mode_of, quantized_parameters
 from .model.quantized import quantize as quantize_module
 from .runtime.engine import Engine
 from .runtime.sampling import Sampling
-from .runtime.steps import Compile
+from .runtime.steps import Compile, compiles_ahead
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+_IDLE_ENGINES = 4  # engines of generate/stream kept for later calls
 
 
 def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         quantize: str | None = None, compile: Compile | str | None = None, tokenizer: str | os.PathLike | None = None,
+         quantize: str | None = "auto", compile: Compile | str | None = "auto", tokenizer: str | os.PathLike | None = None,
          variant: str | None = None, seed: int = 0, progress: bool = True) -> LM:
     """A model ready to run, from a Hugging Face folder, an official .ckpt/.bin, a .gguf file,
     or a preset name or a GemmaConfig (random weights, drawn after torch.manual_seed(seed); see
     gemmakit.PRESETS).
 
+    The defaults are the fast mode that keeps the checkpoint's quality; `quantize=None,
+    compile=None` (and `dtype=torch.float32`) is the exact one.
+
     dtype: of the weights, or with `quantize` of the activations (default: float32; int4's bfloat16).
     quantize: "int8" or "int4" weight-only; a file is converted once and read from the cache
-    directory after that (checkpoints/converted.py).
+    directory after that (checkpoints/converted.py). "auto": int8 on the CPU where the file's own
+    weights are quantized (a GGUF of Q4_K, Q8_0... blocks), else the weights as they are.
     compile: how the model's engines run a decode step: None or "eager", "torch" (torch.compile),
-    "aot" (compiled ahead of time, cached on disk); see runtime/steps.py.
+    "aot" (compiled ahead of time, cached on disk), "auto": the AOT step for int8 models on the
+    CPU, compiled in the background while decoding starts eagerly; see runtime/steps.py.
     tokenizer: a tokenizer.model / tokenizer.json to use instead of (or where there is none) the
     checkpoint's own.
     variant: the preset an official checkpoint belongs to, where its shapes do not tell.
     """
     mode = Compile.of(compile)
     device = _device(device)
+    if quantize == "auto":
+        quantize = None
+        if isinstance(source, (str, os.PathLike)) and not (isinstance(source, str) and source in PRESETS):
+            q = converted.auto(source, device)
+            quantize = q and q.mode
     q = Quantization(quantize, dtype=_dtype(dtype) if dtype is not None else None) if quantize else None
     dtype = q.dtype if q else _dtype(dtype) if dtype is not None else torch.float32
     if q and device.type != "cpu" and q.mode == "int4":
@@ -98,6 +111,10 @@ class LM:
         self.tokenizer = tokenizer
         self.source = source
         self._compile = Compile.of(compile)
+        # Idle engines of generate/stream, by shape, newest last: a compiled step loads once, and
+        # a prompt that repeats an earlier one's start reuses its cached keys and values.
+        self._idle: collections.OrderedDict[tuple[int, int], Engine] = collections.OrderedDict()
+        self._idle_lock = threading.Lock()
 
     @property
     def config(self) -> GemmaConfig:
@@ -135,12 +152,29 @@ class LM:
         (default: the model's context). The cache's memory is allocated up front; under
         compile="aot" its length rounds up to a power of two (>= 256), since a step is compiled
         per cache shape and jobs of similar size then share one."""
+        return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=self._cache_len(max_len),
+                      compile=self.compile, prefill_budget=prefill_budget)
+
+    def _cache_len(self, max_len: int | None):
         limit = self.config.max_seq_len
         needed = limit if max_len is None else max_len
-        if self.compile is Compile.AOT and isinstance(needed, int) and needed > 0:
+        if compiles_ahead(self.compile, self.module) and isinstance(needed, int) and needed > 0:
             needed = max(256, 1 << (needed - 1).bit_length())
-        return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=min(needed, limit),
-                      compile=self.compile, prefill_budget=prefill_budget)
+        return min(needed, limit) if isinstance(needed, int) else needed
+
+    def _take(self, max_batch: int, max_len: int) -> Engine:
+        """An idle engine of this shape, or a new one: one caller's until it `_give`s it back."""
+        with self._idle_lock:
+            engine = self._idle.pop((max_batch, self._cache_len(max_len)), None)
+        return engine or self.engine(max_batch, max_len)
+
+    def _give(self, engine: Engine) -> None:
+        for r in engine.requests + engine.waiting:  # an interrupted call leaves an idle engine behind
+            engine.cancel(r)
+        with self._idle_lock:
+            self._idle[(engine.max_batch, engine.max_len)] = engine
+            while len(self._idle) > _IDLE_ENGINES:
+                self._idle.popitem(last=False)
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, sampling: Sampling | None = None,
                  stop: Sequence[str] | None = None, *, stop_ids: Sequence[int] | None = None,
@@ -155,11 +189,14 @@ class LM:
         """
         prompts, single = self._prompts(prompt)
         sampling = _sampling(sampling, sampling_fields)
-        engine = self.engine(min(max_batch, len(prompts)), max(len(p) for p in prompts) + max_new_tokens)
-        requests = [engine.submit(ids, max_new_tokens, sampling, self._stop_ids(stop_ids), stop or ())
-                    for ids in prompts]
-        while engine.busy:
-            engine.step()
+        engine = self._take(min(max_batch, len(prompts)), max(len(p) for p in prompts) + max_new_tokens)
+        try:
+            requests = [engine.submit(ids, max_new_tokens, sampling, self._stop_ids(stop_ids), stop or ())
+                        for ids in prompts]
+            while engine.busy:
+                engine.step()
+        finally:
+            self._give(engine)
         results = [r.text if self.tokenizer else r.generated_ids for r in requests]
         return results[0] if single else results
 
@@ -172,12 +209,25 @@ class LM:
         prompts, single = self._prompts(prompt)
         if not single:
             raise GenerationError("stream takes one prompt; use generate for a list")
-        engine = self.engine(1, len(prompts[0]) + max_new_tokens)
-        request = engine.submit(prompts[0], max_new_tokens, _sampling(sampling, sampling_fields),
-                                self._stop_ids(stop_ids), stop or ())
-        if self.tokenizer is None:
-            return (d.token_id for d in engine.stream(request) if d.token_id not in request.stop_ids)
-        return (d.text for d in engine.stream(request) if d.text)
+        engine = self._take(1, len(prompts[0]) + max_new_tokens)
+        try:  # a request the engine refuses fails here, not at the first piece
+            request = engine.submit(prompts[0], max_new_tokens, _sampling(sampling, sampling_fields),
+                                    self._stop_ids(stop_ids), stop or ())
+        except BaseException:
+            self._give(engine)
+            raise
+        return self._pieces(engine, request)
+
+    def _pieces(self, engine: Engine, request) -> Iterator:
+        try:
+            for d in engine.stream(request):  # cancelled if the reader stops early
+                if self.tokenizer is None:
+                    if d.token_id not in request.stop_ids:
+                        yield d.token_id
+                elif d.text:
+                    yield d.text
+        finally:
+            self._give(engine)
 
     def chat(self, system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
              max_len: int | None = None, **sampling_fields):

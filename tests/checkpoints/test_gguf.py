@@ -184,7 +184,7 @@ def test_small_gguf_round_trip(tmp_path, sentencepiece_model, family, quantized)
         assert not torch.allclose(q, model.state_dict()["layers.0.attn.q_proj.weight"], atol=1e-3)
         torch.testing.assert_close(q, weights["layers.0.attn.q_proj.weight"], rtol=0, atol=0)
 
-    lm = gemmakit.load(path, progress=False)  # the whole path: format detection, read, build
+    lm = gemmakit.load(path, quantize=None, progress=False)  # the whole path: format detection, read, build (exact)
     ours = lm.logits(IDS)
     with torch.inference_mode():
         theirs = reference_model(config, weights)(IDS)
@@ -368,7 +368,7 @@ def test_real_load_peak_memory(real_gguf):
     already resident before the load, are not the loader's)."""
     code = ("import json, resource, gemmakit, sys\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
-            "lm = gemmakit.load(sys.argv[1], progress=False)\n"
+            "lm = gemmakit.load(sys.argv[1], quantize=None, progress=False)\n"
             "print(json.dumps({'before': before, 'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,"
             " 'model': lm.nbytes()}))\n")
     out = subprocess.run([sys.executable, "-c", code, str(real_gguf)], capture_output=True, text=True, timeout=300)

@@ -27,6 +27,27 @@ WEIGHTS = "model.safetensors"
 META = "quantized.json"
 
 
+def auto(source: str | os.PathLike, device: torch.device) -> Quantization | None:
+    """What quantize="auto" means for `source`: int8 on the CPU for a file whose own weights are
+    quantized (a GGUF of Q4_K, Q5_0, Q6_K, Q8_0 blocks): int8's rounding is a small part of the
+    file's own (perplexity within 1% of the file's float32 dequantization; RESULTS.md), and a
+    decode step reads a quarter of float32's bytes. Float checkpoints load as they are. The answer
+    is remembered per file, so a warm start does not read the GGUF's header again."""
+    src = Path(source)
+    if device.type != "cpu" or not src.is_file() or not (src.suffix == ".gguf" or src.read_bytes()[:4] == b"GGUF"):
+        return None
+    memo = cache_dir() / "quantized" / f"{src.stem}-{fingerprint([src], _FORMAT)}.auto"
+    try:
+        quantized = memo.read_text() == "int8"
+    except OSError:
+        from . import gguf
+
+        quantized = gguf.stores_quantized(src)
+        with atomic_path(memo) as tmp:
+            tmp.write_text("int8" if quantized else "none")
+    return Quantization("int8") if quantized else None
+
+
 def path(source: str | os.PathLike, q: Quantization, variant: str | None = None) -> Path:
     """Where the conversion of `source` lives: keyed by its files as they are now, the variant,
     the quantization, and the torch version and CPU capability (int4's layout is the kernel's)."""

@@ -87,6 +87,14 @@ def read(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(source=str(path), config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
 
 
+FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def stores_quantized(path: str | os.PathLike) -> bool:
+    """Whether any of the file's tensors is in a quantized block type (Q4_K, Q8_0, ...)."""
+    return any(t.tensor_type not in FLOAT_TYPES for t in _open(Path(path)).tensors)
+
+
 def our_name(gguf_name: str) -> str:
     """`blk.3.ffn_up.weight` -> `layers.3.mlp.up_proj.weight`; names we do not know pass unchanged
     (so that `build` reports them as unexpected tensors)."""

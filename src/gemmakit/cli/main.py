@@ -70,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     lm = load_model(args, progress=not args.json)
     info = {"source": str(lm.source), "parameters": lm.num_parameters(), "dtype": str(lm.dtype).removeprefix("torch."),
-            "bytes": lm.nbytes(), "config": lm.config.to_dict(),
+            "quantize": lm.quantization, "bytes": lm.nbytes(), "config": lm.config.to_dict(),
             "tokenizer": None if lm.tokenizer is None else {"vocab_size": lm.tokenizer.vocab_size,
                                                           "stop_ids": lm.tokenizer.stop_ids}}
     if args.json:
@@ -79,6 +79,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"source      {info['source']}")
     print(f"parameters  {info['parameters']:,}")
     print(f"dtype       {info['dtype']}  ({info['bytes'] / 2**20:,.1f} MiB)")
+    print(f"quantize    {info['quantize'] or 'none'}")
     for key, value in info["config"].items():
         print(f"{key:<22}{value}")
     if lm.tokenizer is not None:

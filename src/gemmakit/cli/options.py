@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import GemmaError
 from ..runtime.sampling import Sampling
 
 
@@ -14,16 +15,20 @@ def add_model_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
                    help="HF folder, .ckpt/.bin, .gguf, or preset name (default: the real Gemma 3 270M)")
     p.add_argument("--dtype", default=None,
                    help="float32 (the default) or bfloat16; with --quantize, the activations' (int4: bfloat16)")
+    p.add_argument("--exact", action="store_true",
+                   help="the checkpoint's own weights in float32, decoded eagerly: --quantize none --compile eager")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use")
     p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached")
+    p.add_argument("--quantize", choices=("auto", "int8", "int4", "none"), default="auto",
+                   help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached; "
+                        "auto (the default): int8 on the CPU where the file's own weights are quantized (a GGUF)")
     if compile:
-        p.add_argument("--compile", nargs="?", const="torch", choices=["eager", "torch", "aot"], default=None,
-                       help="compile the decode step: faster tokens after about a minute of compiling on first use; "
-                            "`--compile aot`: ahead of time (AOTInductor, no Python left in a step; the compiled "
-                            "step is cached on disk)")
+        p.add_argument("--compile", nargs="?", const="torch", choices=["auto", "eager", "torch", "aot"], default="auto",
+                       help="how the decode step runs: auto (the default) compiles it ahead of time for int8 models "
+                            "in the background, decoding eagerly until it is ready (cached on disk per shape); "
+                            "`--compile` / `torch`: torch.compile (about a minute on first use); `aot`: ahead of "
+                            "time, waiting for it; eager: not compiled")
 
 
 def load_model(args: argparse.Namespace, progress: bool = True):
@@ -31,11 +36,19 @@ def load_model(args: argparse.Namespace, progress: bool = True):
     from ..checkpoints.default import default_model_path, default_model_source
     from ..lm import load
 
+    quantize, compile = getattr(args, "quantize", None), getattr(args, "compile", None)
+    if getattr(args, "exact", False):
+        if (quantize not in ("auto", "none", None) or compile not in ("auto", "eager", None)
+                or args.dtype not in (None, "float32")):
+            raise GemmaError("--exact is float32 weights decoded eagerly: drop --quantize, --compile and --dtype")
+        quantize, compile = None, None
+    quantize = None if quantize == "none" else quantize
     default = args.model is None
-    source = default_model_source(progress) if default else args.model
-    lm = load(source, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
-              compile=getattr(args, "compile", None), tokenizer=getattr(args, "tokenizer", None),
-              variant=getattr(args, "variant", None), progress=progress)
+    # The default model's GGUF for the quantized modes (converted from its own blocks); its float32
+    # folder, converted once and memory-mapped after that, for the exact one.
+    source = (default_model_path() if quantize else default_model_source(progress)) if default else args.model
+    lm = load(source, dtype=args.dtype, device=args.device, quantize=quantize, compile=compile,
+              tokenizer=getattr(args, "tokenizer", None), variant=getattr(args, "variant", None), progress=progress)
     if default:  # named for the checkpoint it was converted from (the name servers show clients)
         lm.source = str(default_model_path())
     return lm

@@ -179,6 +179,15 @@ def quantize(module: Gemma, mode: str = "int8", group_size: int = 32, dtype: tor
     return module.eval()
 
 
+def quantization_of(module: nn.Module) -> Quantization | None:
+    """How a model is quantized (int4 where any layer is, with its group size), None for a float one."""
+    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return None
+    int4 = next((m for m in layers if m.mode == "int4"), None)
+    return Quantization("int4", int4.group_size, module.dtype) if int4 else Quantization("int8", dtype=module.dtype)
+
+
 def quantized_parameters(module: nn.Module) -> int:
     """The weights the quantized layers hold, counted as the float model's parameters would be."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
@@ -186,8 +195,8 @@ def quantized_parameters(module: nn.Module) -> int:
 
 def mode_of(module: nn.Module) -> str | None:
     """"int8" or "int4" for a quantized model (int4 where any layer is), None for a float one."""
-    modes = {m.mode for m in module.modules() if isinstance(m, QuantizedLinear)}
-    return "int4" if "int4" in modes else next(iter(modes), None)
+    q = quantization_of(module)
+    return q.mode if q else None
 
 
 def default_dtype(mode: str) -> torch.dtype:

@@ -12,17 +12,27 @@ cached on disk by them.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import kernels
-from ..config import LayerKind
+from ..config import GemmaConfig, LayerKind
 from ..errors import GenerationError
 from ..model import Gemma, KVCache
-from ..model.quantized import mode_of
+from ..model.quantized import (
+    Quantization,
+    QuantizedLinear,
+    mode_of,
+    quantization_of,
+    quantized_skeleton,
+)
 from ..paths import atomic_path, cache_dir, fingerprint
 
 _PACKAGE = Path(__file__).parent.parent
@@ -79,9 +89,8 @@ def _key(step: _Step) -> str:
                        torch.backends.cpu.get_cpu_capability())
 
 
-def build(module: Gemma, cache: KVCache) -> AOTDecode:
-    """The step for this model and cache: read from the on-disk cache, or exported and compiled
-    (about a minute a program for the default model) and stored there."""
+def _plan(module: Gemma, cache: KVCache) -> tuple[_Step, list[tuple[int, int, Path]]]:
+    """The step, and the programs it needs: (lowest span, highest span, package path) each."""
     if cache.k[0].device.type != "cpu":
         raise GenerationError("compile='aot' builds the decode step for the CPU; use compile='torch' on other devices")
     ring, top = cache.length(LayerKind.SLIDING), cache.max_len - 1
@@ -93,19 +102,112 @@ def build(module: Gemma, cache: KVCache) -> AOTDecode:
     # (ring, max_len) pins min(length, span) to one side. The one step at span max_len is eager.
     ranges = [(2, ring - 1)] + ([(ring, top)] if top > ring else [])
     key = _key(step)
+    return step, [(lo, hi, cache_dir() / "aot" / (f"decode-{key}.pt2" if lo == 2 else f"decode-{key}-from{lo}.pt2"))
+                  for lo, hi in ranges]
+
+
+def build(module: Gemma, cache: KVCache, compile_missing: bool = True) -> AOTDecode | None:
+    """The step for this model and cache: read from the on-disk cache, or exported and compiled
+    (about a minute a program for the default model) and stored there; compile_missing=False:
+    None unless every program is on disk already."""
+    step, plan = _plan(module, cache)
+    missing = [(lo, hi, path) for lo, hi, path in plan if not path.is_file()]
+    if missing and not compile_missing:
+        return None
+    for lo, hi, path in missing:
+        _compile(step, cache.batch_size, lo, hi, path)
     if mode_of(module) == "int8":
         kernels.extension()  # registers the int8 op the packages call
     state = dict(step.named_parameters()) | dict(step.named_buffers())
     programs = []
-    for lo, hi in ranges:
-        path = cache_dir() / "aot" / (f"decode-{key}.pt2" if lo == 2 else f"decode-{key}-from{lo}.pt2")
-        if not path.is_file():
-            _compile(step, cache.batch_size, lo, hi, path)
+    for lo, hi, path in plan:
         runner = torch._inductor.aoti_load_package(str(path))
         runner.load_constants({n: state[n] for n in runner.get_constant_fqns()}, check_full_update=True,
                               user_managed=True)
         programs.append((runner, lo, hi))
     return AOTDecode(programs)
+
+
+class Background:
+    """The programs for a model and cache compiled by another process, while this one decodes
+    eagerly. A package depends on shapes and code, not on weights, so that process builds them on
+    a model of the same shapes with no weights read, and leaves them in the on-disk cache: a run
+    that ends first still has them next time. `ready()` loads them once they are all there."""
+
+    STALE = 30 * 60  # seconds after which another process's build is taken to have died
+
+    def __init__(self, module: Gemma, cache: KVCache):
+        self.module, self.cache = module, cache
+        _, plan = _plan(module, cache)
+        self.paths = [path for _, _, path in plan]
+        self.lock = self.paths[0].with_suffix(".building")
+        self.process = None
+        self.failed = False
+        self._checks = 0
+        if self._someone_else_building():
+            return
+        spec = {"config": module.config.to_dict(), "quantization": _quantization(module),
+                "dtype": str(module.dtype).removeprefix("torch."), "batch": cache.batch_size, "max_len": cache.max_len}
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        log = self.lock.with_suffix(".log")
+        print(f"gemmakit: compiling the decode step for these shapes in the background (once; a minute or two, "
+              f"cached in {self.lock.parent}); decoding eagerly meanwhile", file=sys.stderr, flush=True)
+        with open(log, "w") as out:
+            # Its own session: the build finishes and is cached even when this process ends first.
+            self.process = subprocess.Popen([sys.executable, "-m", "gemmakit.runtime.aot", json.dumps(spec)],
+                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.lock.write_text(str(self.process.pid))
+
+    def _someone_else_building(self) -> bool:
+        try:
+            return time.time() - self.lock.stat().st_mtime < self.STALE
+        except FileNotFoundError:
+            return False
+
+    def ready(self, now: bool = False) -> AOTDecode | None:
+        """The compiled step once every program is on disk (checked every 16 calls, or now), else None."""
+        self._checks += 1
+        if self.failed or (self._checks % 16 and not now):
+            return None
+        if self.process is not None and self.process.poll() not in (None, 0):
+            self.failed = True
+            warnings.warn(f"gemmakit: the background compile failed (exit {self.process.returncode}; see "
+                          f"{self.lock.with_suffix('.log')}); decoding stays eager", stacklevel=3)
+            self.lock.unlink(missing_ok=True)
+            return None
+        if not all(p.is_file() for p in self.paths):
+            return None
+        return build(self.module, self.cache, compile_missing=False)
+
+
+def _quantization(module: Gemma) -> dict | None:
+    q = quantization_of(module)
+    return None if q is None else {"mode": q.mode, "group_size": q.group_size}
+
+
+def _background_main(spec: dict) -> None:
+    """`python -m gemmakit.runtime.aot SPEC`: compiles the packages a Background asked for."""
+    config = GemmaConfig.from_dict(spec["config"])
+    dtype = getattr(torch, spec["dtype"])
+    q = spec["quantization"]
+    if q is not None:
+        module = quantized_skeleton(config, Quantization(q["mode"], q["group_size"], dtype))
+    else:
+        with torch.device("meta"):
+            module = Gemma(config).to(dtype)
+    module = module.to_empty(device="cpu").eval()  # shapes and dtypes only: the packages hold no weights
+    if q is not None:
+        for m in module.modules():  # finite garbage: the one eager step before tracing runs on these
+            if isinstance(m, QuantizedLinear):
+                m.weight.zero_()
+                m.scales.zero_()
+    cache = KVCache(config, spec["batch"], spec["max_len"], dtype=dtype)
+    try:
+        build(module, cache)
+    finally:
+        _, plan = _plan(module, cache)
+        plan[0][2].with_suffix(".building").unlink(missing_ok=True)
 
 
 def _compile(step: _Step, max_batch: int, lo: int, hi: int, path: Path) -> None:
@@ -124,3 +226,10 @@ def _compile(step: _Step, max_batch: int, lo: int, hi: int, path: Path) -> None:
     with atomic_path(path) as tmp:  # a later run never loads half a package
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
+
+
+if __name__ == "__main__":
+    import os
+
+    os.nice(10)  # the foreground process decodes meanwhile: it keeps the cores it asks for
+    _background_main(json.loads(sys.argv[1]))

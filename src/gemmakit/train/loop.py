@@ -115,7 +115,9 @@ def _base_model(cfg: TrainConfig) -> tuple[Gemma, Tokenizer | None]:
             source = GemmaConfig.from_dict(json.loads(Path(source).read_text()))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: not valid JSON ({e.msg})") from None
-    lm = load_model(source, tokenizer=cfg.tokenizer, seed=cfg.seed, progress=cfg.progress)
+    # The weights as the file has them (training changes them): never the quantized fast mode.
+    lm = load_model(source, quantize=None, compile=None, tokenizer=cfg.tokenizer, seed=cfg.seed,
+                    progress=cfg.progress)
     return lm.module.float().train(), lm.tokenizer
 
 

@@ -1,0 +1,72 @@
+"""The default mode: quantize="auto" (int8 for a file whose own weights are quantized, the weights
+as they are otherwise) and compile="auto" (the AOT step for int8 models, compiled by another
+process while this one decodes eagerly; at once where the disk cache has it)."""
+
+import time
+
+import torch
+from checkpoints.test_gguf import CONFIGS, random_model, write_gguf  # noqa: E402  (tests/ is on sys.path)
+from test_quantize import TINY3, tiny_model  # noqa: E402
+
+import gemmakit
+from gemmakit.checkpoints import gguf
+from gemmakit.model import quantized as Q
+from gemmakit.runtime.engine import Engine
+
+
+def test_auto_quantizes_a_quantized_gguf_and_leaves_float_files_exact(tmp_path, monkeypatch, sentencepiece_model):
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
+    model = random_model(CONFIGS["gemma3"])
+    write_gguf(tmp_path / "q.gguf", model, sentencepiece_model, quantized=True)
+    write_gguf(tmp_path / "f.gguf", model, sentencepiece_model, quantized=False)
+    gemmakit.checkpoints.hf.save(model, tmp_path / "hf", progress=False)
+
+    assert gemmakit.load(tmp_path / "q.gguf", progress=False).quantization == "int8"
+    assert gemmakit.load(tmp_path / "f.gguf", progress=False).quantization is None  # F32: nothing to gain back
+    assert gemmakit.load(tmp_path / "hf", progress=False).quantization is None
+    assert gemmakit.load(tmp_path / "q.gguf", quantize=None, progress=False).quantization is None  # the exact mode
+    assert gemmakit.load("gemma-tiny").quantization is None  # presets are for experiments: as they are
+
+    def no_header(path):
+        raise AssertionError("the decision is remembered: a warm start does not read the header again")
+
+    monkeypatch.setattr(gguf, "stores_quantized", no_header)
+    assert gemmakit.load(tmp_path / "q.gguf", progress=False).quantization == "int8"
+
+
+def test_auto_compile_decodes_eagerly_then_runs_the_compiled_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("GEMMAKIT_COMPILE", raising=False)  # conftest turns the default off for other tests
+    model = Q.quantize(tiny_model(TINY3, seed=5), "int8")
+    prompt = torch.randint(3, 512, (6,), generator=torch.Generator().manual_seed(6)).tolist()
+    eager = Engine(model, None, max_batch=2, max_len=40, compile="eager")
+    expected = eager.add(prompt, max_new_tokens=20)
+    while eager.busy:
+        eager.step()
+
+    engine = Engine(model, None, max_batch=2, max_len=40, compile="auto")
+    step = engine.decode_step
+    assert step.aot is None and step.background is not None and step.background.process is not None
+    deadline = time.monotonic() + 300
+    while step.aot is None:  # requests are served, eagerly, while the other process compiles
+        assert time.monotonic() < deadline, "the background compile did not finish"
+        assert step.background is not None and not step.background.failed
+        r = engine.submit(prompt, max_new_tokens=20)
+        while engine.busy:
+            engine.step()
+        assert r.output_ids == expected.output_ids
+    assert step.background is None
+
+    calls = []
+    for i, (runner, lo, hi) in enumerate(step.aot.programs):
+        step.aot.programs[i] = (lambda *a, r=runner: calls.append(a[0].shape[0]) or r(*a), lo, hi)
+    r = engine.submit(prompt, max_new_tokens=20)
+    while engine.busy:
+        engine.step()
+    assert len(calls) == 20  # every step of this request ran compiled
+    assert r.output_ids == expected.output_ids
+
+    # The packages are on disk: the next engine of these shapes runs compiled from its first step.
+    again = Engine(model, None, max_batch=2, max_len=40, compile="auto").decode_step
+    assert again.aot is not None and again.background is None
+    assert not list((tmp_path / "aot").glob("*.building"))  # the build cleaned up after itself
