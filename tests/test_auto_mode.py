@@ -44,9 +44,11 @@ def test_auto_compile_decodes_eagerly_then_runs_the_compiled_step(tmp_path, monk
     while eager.busy:
         eager.step()
 
+    threads = torch.get_num_threads()
     engine = Engine(model, None, max_batch=2, max_len=40, compile="auto")
     step = engine.decode_step
     assert step.aot is None and step.background is not None and step.background.process is not None
+    assert torch.get_num_threads() == max(1, threads - 1)  # a core for the compiler meanwhile
     deadline = time.monotonic() + 300
     while step.aot is None:  # requests are served, eagerly, while the other process compiles
         assert time.monotonic() < deadline, "the background compile did not finish"
@@ -55,7 +57,7 @@ def test_auto_compile_decodes_eagerly_then_runs_the_compiled_step(tmp_path, monk
         while engine.busy:
             engine.step()
         assert r.output_ids == expected.output_ids
-    assert step.background is None
+    assert step.background is None and torch.get_num_threads() == threads
 
     calls = []
     for i, (runner, lo, hi) in enumerate(step.aot.programs):
@@ -70,3 +72,23 @@ def test_auto_compile_decodes_eagerly_then_runs_the_compiled_step(tmp_path, monk
     again = Engine(model, None, max_batch=2, max_len=40, compile="auto").decode_step
     assert again.aot is not None and again.background is None
     assert not list((tmp_path / "aot").glob("*.building"))  # the build cleaned up after itself
+
+
+def test_a_failed_background_compile_leaves_the_engine_eager(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("GEMMAKIT_COMPILE", raising=False)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the compiling process exits 1 at once
+    model = Q.quantize(tiny_model(TINY3, seed=5), "int8")
+    threads = torch.get_num_threads()
+    engine = Engine(model, None, max_batch=1, max_len=40, compile="auto")
+    with pytest.warns(UserWarning, match="background compile failed"):
+        while engine.decode_step.background is not None:
+            engine.submit([2, 5, 7], max_new_tokens=8)
+            while engine.busy:
+                engine.step()
+    assert engine.decode_step.aot is None and torch.get_num_threads() == threads
+    assert not list((tmp_path / "aot").glob("*.building"))  # a later run tries again
