@@ -5,6 +5,8 @@ Every figure runs the generation engine the way users do (`lm.engine`; `Engine.a
 - prefill: tokens/s to fill the cache with a prompt of `prefill_tokens` tokens;
 - decode b1 / b16: new tokens/s (all streams together) at batch 1 and with 16 streams;
 - load: seconds from nothing to a model ready to run (reading, converting or the cache);
+- generate b1 / b16 / prefill: the same through `lm.generate`, as a user's call gets them (128
+  tokens after a 32-token prompt; 16 prompts of 32 tokens, 64 new each; the 512-token prompt);
 - peak RSS: the process's high-water mark of resident memory, load included.
 `benchmarks/bench.py` runs the same measurement next to llama.cpp and transformers.
 """
@@ -23,6 +25,7 @@ from .runtime.engine import Engine
 
 PREFILL_TOKENS = 512
 DECODE_TOKENS = 64
+GENERATE_TOKENS = 128  # lm.generate at batch 1
 
 
 def bench_prompt(vocab_size: int, n: int) -> list[int]:
@@ -58,6 +61,25 @@ def measure(lm, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = DECOD
         for _ in range(decode_tokens):
             engine.step()
         out[f"decode_b{n}_tok_s"] = n * decode_tokens / (time.perf_counter() - start)
+
+    # What a user's call gets, end to end: lm.generate (its engine kept between calls; warmed up
+    # first, as a second call of a session finds it).
+    short = prompt[:32]
+    for max_batch, max_len in ((1, 32 + GENERATE_TOKENS), (16, 32 + 64), (1, prefill_tokens + 1)):
+        lm.prepare(max_batch, max_len)
+    lm.generate(short, max_new_tokens=GENERATE_TOKENS, stop_ids=[])
+    start = time.perf_counter()
+    lm.generate(short, max_new_tokens=GENERATE_TOKENS, stop_ids=[])  # never stops early: GENERATE_TOKENS tokens
+    out["generate_b1_tok_s"] = GENERATE_TOKENS / (time.perf_counter() - start)
+    streams = [prompt[row:row + 32] for row in range(16)]
+    lm.generate(streams, max_new_tokens=64, stop_ids=[])
+    start = time.perf_counter()
+    lm.generate(streams, max_new_tokens=64, stop_ids=[])
+    out["generate_b16_tok_s"] = 16 * 64 / (time.perf_counter() - start)
+    lm.generate(prompt, max_new_tokens=1, stop_ids=[])
+    start = time.perf_counter()
+    lm.generate(prompt, max_new_tokens=1, stop_ids=[])  # the prompt's prefill and one step
+    out["generate_prefill_tok_s"] = prefill_tokens / (time.perf_counter() - start)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["kv_mb"] = kv / 2**20  # the largest cache the run held
     return out
@@ -102,6 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"prefill      {result['prefill_tok_s']:8.1f} tok/s  ({result['prefill_tokens']} tokens)")
     for n in args.batch_sizes:
         print(f"decode b{n:<3} {result[f'decode_b{n}_tok_s']:8.1f} tok/s" + (f"  ({n} streams, total)" if n > 1 else ""))
+    print(f"lm.generate  {result['generate_b1_tok_s']:8.1f} tok/s at batch 1, {result['generate_b16_tok_s']:.1f} with 16 "
+          f"streams, prefill {result['generate_prefill_tok_s']:.1f} tok/s")
     print(f"load         {result['load_s']:8.2f} s")
     print(f"peak RSS     {result['peak_rss_mb']:8.0f} MiB  ({result['rss_ratio']:.2f}x weights + KV cache)")
     return 0

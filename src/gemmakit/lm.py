@@ -162,7 +162,15 @@ class LM:
             needed = max(256, 1 << (needed - 1).bit_length())
         return min(needed, limit) if isinstance(needed, int) else needed
 
-    def _take(self, max_batch: int, max_len: int) -> Engine:
+    def prepare(self, max_batch: int = 1, max_len: int | None = None) -> None:
+        """Readies the engine that generate/stream use for these sizes (max_len: prompt + new
+        tokens), waiting for its compiled step where one is being compiled in the background:
+        a warm-up, for servers and measurements."""
+        engine = self._take(max_batch, max_len)
+        engine.decode_step.wait()
+        self._give(engine)
+
+    def _take(self, max_batch: int, max_len: int | None) -> Engine:
         """An idle engine of this shape, or a new one: one caller's until it `_give`s it back."""
         with self._idle_lock:
             engine = self._idle.pop((max_batch, self._cache_len(max_len)), None)

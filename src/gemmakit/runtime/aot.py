@@ -155,6 +155,12 @@ class Background:
         self.process = None
         self.failed = False
         self._checks = 0
+        # A core is the compiler's meanwhile, ours or another process's. Every op's threads wait
+        # for the slowest of them, so with the compiler preempting one of two threads a decode
+        # step ran ~50x slower (1.2 vs 58 tokens/s, 2 cores): this process gives up a thread
+        # until the programs are there.
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, self._threads - 1))
         if self._someone_else_building():
             return
         spec = {"config": module.config.to_dict(), "quantization": _quantization(module),
@@ -169,12 +175,6 @@ class Background:
                                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True, env=os.environ | {"TORCHINDUCTOR_COMPILE_THREADS": "1"})
         self.lock.write_text(str(self.process.pid))
-        # One core is the compiler's meanwhile. Every op's threads wait for the slowest of them, so
-        # with the compiler preempting one of two threads a decode step ran ~50x slower (1.2 vs 58
-        # tokens/s, 2 cores): this process gives up a thread until the compile is done.
-        self._threads = torch.get_num_threads()
-        if self._threads > 1:
-            torch.set_num_threads(self._threads - 1)
 
     def _someone_else_building(self) -> bool:
         try:
@@ -192,15 +192,20 @@ class Background:
             if code is None:
                 return None  # still compiling (its packages are whole once it has exited)
             self.process = None
-            torch.set_num_threads(self._threads)
             if code != 0:
                 self.failed = True
+                torch.set_num_threads(self._threads)
                 warnings.warn(f"gemmakit: the background compile failed (exit {code}; see "
                               f"{self.lock.with_suffix('.log')}); decoding stays eager", stacklevel=3)
                 self.lock.unlink(missing_ok=True)
                 return None
-        if not all(p.is_file() for p in self.paths):
+        elif not all(p.is_file() for p in self.paths) and self._someone_else_building():
+            return None  # another process's build, still going
+        if not all(p.is_file() for p in self.paths):  # that build died: eager from now on
+            self.failed = True
+            torch.set_num_threads(self._threads)
             return None
+        torch.set_num_threads(self._threads)
         return build(self.module, self.cache, compile_missing=False)
 
 
