@@ -1,6 +1,6 @@
 """What each weight mode costs in quality, on the real Gemma 3 270M (the default model).
 
-    python benchmarks/quality.py [--modes float32,bfloat16,int8,int4] [--threads 1]
+    python benchmarks/quality.py [--modes float32,default,bfloat16,int8,int4] [--threads 1]
 
 Per mode: perplexity on tests/data/gpl3_preamble.txt (one window from BOS), top-1 agreement with
 float32 on that text (teacher-forced), and greedy decoding on the five llama.cpp reference prompts
@@ -22,9 +22,14 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
 def load(mode: str):
+    """float32 (the exact mode), bfloat16, int8, int4, or default: `gemmakit.load(gguf)` with no
+    arguments but compile=None (the weights a user's default mode runs; its compiled step gives
+    the eager step's tokens, tests/test_aot.py)."""
     import gemmakit
-    from gemmakit.checkpoints.default import default_model_source
+    from gemmakit.checkpoints.default import default_model_path, default_model_source
 
+    if mode == "default":
+        return gemmakit.load(default_model_path(), compile=None, progress=False)
     source = default_model_source(progress=False)
     if mode in ("float32", "bfloat16"):
         return gemmakit.load(source, dtype=mode, quantize=None, compile=None, progress=False)
@@ -53,7 +58,7 @@ def prefix_agreement(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="float32,bfloat16,int8,int4")
+    ap.add_argument("--modes", default="float32,default,bfloat16,int8,int4")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
