@@ -53,7 +53,7 @@ class KVCache:
         return torch.sym_min(self.length(kind), self._extent[0])
 
     def positions(self, kind: LayerKind) -> torch.Tensor:
-        return self.pos[kind][:, :self.span(kind)]  # (B, S)
+        return self.pos[kind][:self.rows.shape[0], :self.span(kind)]  # (B, S)
 
     def reserve(self, end: int) -> KVCache:
         """Vouches that the next forward pass writes only positions below `end`, so that `record`
@@ -87,8 +87,8 @@ class KVCache:
         kind = self.kinds[layer]
         self.k[layer][self.rows, :, slots[kind]] = k
         self.v[layer][self.rows, :, slots[kind]] = v
-        n = self.span(kind)
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        B, n = self.rows.shape[0], self.span(kind)
+        return self.k[layer][:B, :, :n], self.v[layer][:B, :, :n]
 
     def reset(self, rows=None) -> None:
         """Forgets the given rows (all by default); their slots are free for a new sequence."""
@@ -147,13 +147,16 @@ class KVCache:
         return view
 
     def over(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], pos: dict[LayerKind, torch.Tensor],
-             extent) -> KVCache:
-        """This cache's layout over other tensors of its shapes (the first B rows of each), reading
-        exactly `extent` positions and vouching for the next forward as `reserve` does: for a step
-        traced with the cache's tensors as its own buffers, where B and the extent are symbols."""
+             rows: int, extent) -> KVCache:
+        """This cache's layout over other tensors of its shapes, their first `rows` rows in use,
+        reading exactly `extent` positions and vouching for the next forward as `reserve` does: for
+        a step traced with the cache's tensors as its own buffers, where `rows` and the extent are
+        symbols. The tensors are whole, not sliced to the rows: a traced write into a slice of a
+        buffer becomes a copy of the whole buffer (slice_scatter), every step; into the buffer
+        itself, by row index, it stays a write of the new keys and values."""
         view = copy.copy(self)
         view.k, view.v, view.pos = list(k), list(v), dict(pos)
-        view.rows = torch.arange(view.k[0].shape[0], device=view.k[0].device)[:, None]
+        view.rows = torch.arange(rows, device=view.k[0].device)[:, None]
         view._extent = [extent]
         view._reserved = True
         return view

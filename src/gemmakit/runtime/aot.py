@@ -57,11 +57,10 @@ class _Step(nn.Module):
             self.register_buffer(f"pos_{kind.value}", table)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-        B, n = tokens.shape[0], len(self.cache.k)
-        view = self.cache.over([getattr(self, f"k{i}")[:B] for i in range(n)],
-                               [getattr(self, f"v{i}")[:B] for i in range(n)],
-                               {kind: getattr(self, f"pos_{kind.value}")[:B] for kind in self.cache.pos},
-                               extent=span.shape[0])
+        n = len(self.cache.k)
+        view = self.cache.over([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)],
+                               {kind: getattr(self, f"pos_{kind.value}") for kind in self.cache.pos},
+                               rows=tokens.shape[0], extent=span.shape[0])
         return self.model(tokens, positions, view, last_only=True)
 
 
