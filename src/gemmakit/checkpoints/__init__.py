@@ -14,7 +14,17 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint, TensorRef, build
 
-__all__ = ["Checkpoint", "TensorRef", "build", "read"]
+__all__ = ["Checkpoint", "TensorRef", "build", "read", "is_gguf"]
+
+
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or a file that starts with GGUF's magic (only its first 4 bytes are read)."""
+    if path.suffix == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def read(source: str | os.PathLike, variant: str | None = None) -> Checkpoint:
@@ -26,7 +36,7 @@ def read(source: str | os.PathLike, variant: str | None = None) -> Checkpoint:
         from . import hf
 
         return hf.read(path)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if is_gguf(path):
         from . import gguf
 
         return gguf.read(path)

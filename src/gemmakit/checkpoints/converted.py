@@ -34,7 +34,9 @@ def auto(source: str | os.PathLike, device: torch.device) -> Quantization | None
     decode step reads a quarter of float32's bytes. Float checkpoints load as they are. The answer
     is remembered per file, so a warm start does not read the GGUF's header again."""
     src = Path(source)
-    if device.type != "cpu" or not src.is_file() or not (src.suffix == ".gguf" or src.read_bytes()[:4] == b"GGUF"):
+    from . import is_gguf
+
+    if device.type != "cpu" or not src.is_file() or not is_gguf(src):
         return None
     memo = cache_dir() / "quantized" / f"{src.stem}-{fingerprint([src], _FORMAT)}.auto"
     try:
