@@ -73,18 +73,19 @@ class DecodeStep:
     def wait(self, poll: float = 0.5) -> None:
         """Blocks until a background compile has finished (the compiled step then runs), for
         measurements of the steady state."""
-        while self.background is not None:
-            self.aot = self.background.ready(now=True)
-            if self.aot is not None or self.background.failed:
-                self.background = None
-            else:
-                time.sleep(poll)
+        while self.background is not None and self._poll(now=True):
+            time.sleep(poll)
+
+    def _poll(self, now: bool = False) -> bool:
+        """Takes the background compile's step once it is there; whether it is still going."""
+        self.aot = self.background.ready(now)
+        if self.aot is not None or self.background.failed:
+            self.background = None
+        return self.background is not None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
         if self.background is not None:
-            self.aot = self.background.ready()
-            if self.aot is not None or self.background.failed:
-                self.background = None
+            self._poll()
         view = self.cache.rows_view(0, tokens.shape[0]).reserve(end)
         span = self.cache.span(LayerKind.GLOBAL)  # slots the step reads: the global layers' (the ring's follow)
         if self.aot is not None and self.aot.usable(span):
