@@ -140,6 +140,13 @@ GOOD = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 4}
     ({**GOOD, "prompt": ["hello", "world"]}, 400, "prompt", None),  # one prompt per request
     ({**GOOD, "n": 2}, 400, "n", None),
     ({**GOOD, "logprobs": 3}, 400, "logprobs", None),  # refused, not silently dropped
+    ({**GOOD, "frequency_penalty": 0.5}, 400, "frequency_penalty", None),  # fields it cannot honour yet
+    ({**GOOD, "presence_penalty": -1}, 400, "presence_penalty", None),
+    ({**GOOD, "logit_bias": {"5": 100}}, 400, "logit_bias", None),
+    ({**GOOD, "suffix": "return x"}, 400, "suffix", None),
+    ({**GOOD, "best_of": 3}, 400, "best_of", None),
+    ({**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
     ({**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),  # unknown model
 ])
 def test_bad_completion_requests(http, body, status, param, code):
@@ -166,6 +173,20 @@ def test_bad_chat_requests(client, messages, param):
         client.chat.completions.create(model="gemma-tiny", messages=messages, max_tokens=4)
     assert e.value.status_code == 400
     assert e.value.body["param"] == param and e.value.body["message"]
+
+
+def test_the_no_op_values_of_unsupported_fields_are_accepted(http):
+    """Clients send these by default (0 penalties, an empty logit_bias, text answers, no tools)."""
+    body = {**GOOD, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": None,
+            "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "someone"}
+    assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_structured_output_is_refused_through_the_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gemma-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
+    assert e.value.status_code == 400 and e.value.body["param"] == "response_format"
 
 
 def test_bad_completion_budget_names_the_field_the_client_used(http):

@@ -1,14 +1,17 @@
 """The OpenAI wire format: request bodies (validated by pydantic), response bodies, error bodies.
 
-Requests are validated strictly (a string where a number belongs is a 400, not a coercion), and
-unknown fields are ignored, as clients send options we have no use for (`user`, `logit_bias`: {}).
+Requests are validated strictly (a string where a number belongs is a 400, not a coercion). OpenAI
+fields this server cannot honour yet (penalties, logit_bias, response_format, tools, suffix,
+best_of) are a 400 naming the field when set to anything but their no-op value: a client that
+sets one relies on it. Other unknown fields are ignored, as clients send metadata we have no use
+for (`user`, `metadata`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,6 +39,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# field -> the values that change nothing, which clients send by default
+_UNSUPPORTED = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+                "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+                "functions": (None, []), "function_call": (None, "none", "auto"), "best_of": (None, 1), "suffix": (None, "")}
+
+
 class _Sampled(BaseModel):
     """Fields both endpoints share."""
 
@@ -55,6 +64,24 @@ class _Sampled(BaseModel):
     n: Literal[1] = 1  # one choice per request; ask again for more
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v, info):
+        if not any(v == ok and type(v) is not bool for ok in _UNSUPPORTED[info.field_name]):
+            raise ValueError(f"{info.field_name} is not supported by this server yet (it would change the "
+                             f"answer); leave it out or send {_UNSUPPORTED[info.field_name][1]!r}")
+        return v
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
