@@ -223,3 +223,23 @@ def test_oversized_body_is_refused_unread(http):
 def test_unknown_route_has_an_error_body(http):
     r = http.get("/v1/engines")
     assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def test_tokenize_and_detokenize(http, server, tiny_lm):
+    tok = tiny_lm.tokenizer
+    r = http.post("/tokenize", json={"model": "gemma-tiny", "prompt": "hello world"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tokens": tok.encode("hello world"), "count": len(tok.encode("hello world")), "max_model_len": 128}
+    r = http.post("/tokenize", json={"content": "hello", "add_special_tokens": False})  # llama.cpp's server's name
+    assert r.json()["tokens"] == tok.encode("hello", add_bos=False)
+    messages = [{"role": "user", "content": "hi"}]
+    assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == tok.chat_ids(messages)
+    ids = tok.encode("the quick brown fox")
+    r = http.post("/detokenize", json={"tokens": ids})
+    assert r.status_code == 200 and r.json()["prompt"] == tok.decode(ids) == r.json()["content"]
+    # refused with a 4xx naming the field, and behind the API key like /v1
+    assert http.post("/tokenize", json={"prompt": "a", "messages": messages}).status_code == 400
+    r = http.post("/detokenize", json={"tokens": [2, 10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert http.post("/tokenize", json={"model": "gpt-4", "prompt": "a"}).status_code == 404
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "a"}).status_code == 401

@@ -20,15 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GemmaError, TokenizerError
 from ..runtime.sampling import Sampling
-from .protocol import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    error_body,
-    new_id,
-    now,
-    usage,
-)
+from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body,
+                       new_id, now, usage)
 from .scheduler import Finished, Job, Piece, Scheduler
 
 log = logging.getLogger("gemmakit.serve")
@@ -87,6 +80,14 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     async def chat_completions(body: ChatRequest, request: Request):
         return await server.chat(body, request)
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return server.detokenize(body)
+
     return app
 
 
@@ -140,15 +141,35 @@ class _Server:
         out["usage"] = usage(len(ids), finished.completion_tokens)
         return out
 
-    async def chat(self, body: ChatRequest, request: Request):
-        self.check_model(body.model)
-        messages = []
-        for m in body.messages:
-            messages.append({"role": m.role, "content": m.text()})
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        if body.model is not None:
+            self.check_model(body.model)
+        texts = [t for t in (body.prompt, body.content) if t is not None]
+        if len(texts) + (body.messages is not None) != 1:
+            raise APIError(400, "send one of prompt (or content) and messages", param="prompt")
+        ids = self._chat_ids(body.messages) if body.messages is not None else \
+            self.tok.encode(texts[0], add_bos=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_len}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        if body.model is not None:
+            self.check_model(body.model)
+        bad = [i for i in body.tokens if not 0 <= i < self.tok.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.tok.vocab_size - 1})",
+                           param="tokens")
+        text = self.tok.decode(body.tokens)
+        return {"prompt": text, "content": text}  # vLLM's name, llama.cpp's server's
+
+    def _chat_ids(self, messages) -> list[int]:
         try:
-            ids = self.tok.chat_ids(messages)
+            return self.tok.chat_ids([{"role": m.role, "content": m.text()} for m in messages])
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
+
+    async def chat(self, body: ChatRequest, request: Request):
+        self.check_model(body.model)
+        ids = self._chat_ids(body.messages)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         job = self._job(body, ids, getattr(body, field), default_max_tokens=None, field=field)
         rid = new_id("chatcmpl")
@@ -296,14 +317,15 @@ def _param(loc) -> str | None:
 
 
 class _APIKey:
-    """Bearer-key check on /v1 before anything else is read (a pure ASGI middleware, so streams and
-    disconnect detection pass through untouched). /health stays open for load balancers."""
+    """Bearer-key check on /v1, /tokenize and /detokenize before anything else is read (a pure ASGI
+    middleware, so streams and disconnect detection pass through untouched). /health stays open for
+    load balancers."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/tokenize", "/detokenize")):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):

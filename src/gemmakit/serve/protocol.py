@@ -143,6 +143,31 @@ class ChatRequest(_Sampled):
     max_completion_tokens: int | None = None  # the newer name for max_tokens
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body (`prompt`, or `messages` rendered with the chat template), with
+    llama.cpp's server's name for the text, `content`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # <bos> before a prompt
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, v):
+        if v is not None and not v:
+            raise ValueError("messages must not be empty")
+        return v
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
