@@ -243,3 +243,23 @@ def test_tokenize_and_detokenize(http, server, tiny_lm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"model": "gpt-4", "prompt": "a"}).status_code == 404
     assert httpx.post(server.url + "/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_prometheus_metrics_count_what_was_served(http, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        r = http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {s.name: s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
+
+    before = scrape()
+    out = client.completions.create(model="gemma-tiny", prompt="the quick brown fox", max_tokens=5, temperature=0)
+    after = scrape()
+    assert after["gemmakit_completion_tokens_total"] - before["gemmakit_completion_tokens_total"] == out.usage.completion_tokens
+    assert after["gemmakit_prompt_tokens_total"] - before["gemmakit_prompt_tokens_total"] == out.usage.prompt_tokens
+    assert after["gemmakit_time_to_first_token_seconds_count"] == before["gemmakit_time_to_first_token_seconds_count"] + 1
+    assert (after["gemmakit_inter_token_latency_seconds_count"] - before["gemmakit_inter_token_latency_seconds_count"]
+            == out.usage.completion_tokens - 1)
+    assert after["gemmakit_requests_running"] == 0 and after["gemmakit_requests_waiting"] == 0
+    assert "gemmakit_prefix_cache_hit_tokens_total" in after

@@ -15,13 +15,24 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GemmaError, TokenizerError
 from ..runtime.sampling import Sampling
-from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body,
-                       new_id, now, usage)
+from .metrics import ServerMetrics
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
 from .scheduler import Finished, Job, Piece, Scheduler
 
 log = logging.getLogger("gemmakit.serve")
@@ -40,7 +51,8 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     # At most 512 prompt tokens are admitted between two decode steps: a burst of long prompts
     # joins over several steps instead of stalling the running streams for all of them.
     engine = lm.engine(max_batch=max_batch, max_len=max_len, prefill_budget=512)
-    scheduler = Scheduler(engine, max_queue=max_queue)
+    metrics = ServerMetrics(lambda: scheduler.stats())
+    scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
     name = model_name or default_model_name(lm.source)
     server = _Server(lm, scheduler, name, max_len)
 
@@ -62,6 +74,10 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, **scheduler.stats()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

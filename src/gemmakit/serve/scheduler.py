@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..errors import GemmaError
@@ -48,6 +49,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     handle: object = None  # the engine's request, once admitted
+    submitted: float = field(default_factory=time.monotonic)
+    last_token: float | None = None  # when its latest token came (metrics)
 
     def push(self, event) -> None:
         try:
@@ -74,8 +77,10 @@ class Scheduler:
     engine's; the scheduler adds the HTTP side: a bounded queue, cancellation by clients, errors
     as responses, and a thread that sleeps while there is nothing to do."""
 
-    def __init__(self, engine, max_queue: int):
+    def __init__(self, engine, max_queue: int, metrics=None):
+        """metrics: a ServerMetrics (serve/metrics.py) told of every token, or None."""
         self.engine = engine
+        self.metrics = metrics
         self.max_batch = engine.max_batch
         self.stop_ids = engine.tokenizer.stop_ids
         self.max_queue = max_queue
@@ -181,6 +186,8 @@ class Scheduler:
         done = []
         for delta in deltas:
             job = jobs[id(delta.request)]
+            if self.metrics is not None:
+                self.metrics.token(job, delta.request.finish_reason)
             if delta.text:
                 job.push(Piece(delta.text))
             if delta.finished:  # the engine has freed its row already
