@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval bridge needs lm-eval (the test extra installs it)")
 
@@ -51,3 +52,13 @@ def test_rolling_and_generate_until(tiny_lm):
     gen = Instance(request_type="generate_until", doc={}, idx=0,
                    arguments=("hello world", {"until": ["\n"], "max_gen_toks": 5}))
     assert bridge.generate_until([gen]) == [tiny_lm.generate("hello world", max_new_tokens=5, stop=["\n"])]
+
+
+def test_model_args_reach_the_model_and_unknown_ones_are_errors():
+    """What lm-eval's `--model gemmakit --model_args ...` passes: known arguments reach gemmakit.load,
+    lm-eval's own (batch_size, max_batch_size, device) are taken, a misspelt one fails by name."""
+    extra = {"batch_size": 4, "max_batch_size": 64, "device": "cpu"}
+    bridge = GemmakitLM.create_from_arg_string("pretrained=gemma-tiny,dtype=bfloat16,quantize=int8", extra)
+    assert bridge.batch_size == 4 and bridge.lm.quantization == "int8" and bridge.lm.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtpye"):
+        GemmakitLM.create_from_arg_string("pretrained=gemma-tiny,dtpye=bfloat16", extra)

@@ -26,15 +26,20 @@ from .loglik import Scorer, encode_pair
 
 @register_model("gemmakit")
 class GemmakitLM(HarnessLM):
-    def __init__(self, pretrained: str | None = None, lm=None, dtype: str = "float32", device: str = "cpu",
-                 tokenizer: str | None = None, batch_size: int | str = 8, max_gen_toks: int = 256, **_ignored):
+    def __init__(self, pretrained: str | None = None, lm=None, dtype: str | None = None, device: str = "cpu",
+                 tokenizer: str | None = None, quantize: str = "auto", batch_size: int | str = 8,
+                 max_gen_toks: int = 256, max_batch_size: int | None = None):
+        """model_args of `--model gemmakit` (an unknown one is an error, not ignored): pretrained,
+        dtype, device, tokenizer, quantize (auto, int8, int4 or none: gemmakit.load's), batch_size,
+        max_gen_toks. max_batch_size is lm-eval's cap on an automatic batch size, which this model
+        does not pick: the batch is batch_size."""
         super().__init__()
         if lm is None:
             from ..checkpoints.default import default_model_path
             from ..lm import load
 
             lm = load(pretrained or default_model_path(), dtype=dtype, device=device, tokenizer=tokenizer,
-                               progress=False)
+                      quantize=None if quantize == "none" else quantize, progress=False)
         self.lm = lm
         self.scorer = Scorer(lm)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
