@@ -49,19 +49,17 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
     """
     mode = Compile.of(compile)
     device = _device(device)
-    if quantize == "auto":
-        quantize = None
-        if isinstance(source, (str, os.PathLike)) and not (isinstance(source, str) and source in PRESETS):
-            q = converted.auto(source, device)
-            quantize = q and q.mode
+    name = f"random {source.family}" if isinstance(source, GemmaConfig) else str(source)  # what servers show
+    if isinstance(source, str) and source in PRESETS and not os.path.exists(source):
+        source = PRESETS[source]
+    if quantize == "auto":  # random weights stay as they are
+        q = None if isinstance(source, GemmaConfig) else converted.auto(source, device)
+        quantize = q and q.mode
     q = Quantization(quantize, dtype=_dtype(dtype) if dtype is not None else None) if quantize else None
     dtype = q.dtype if q else _dtype(dtype) if dtype is not None else torch.float32
     if q and device.type != "cpu" and q.mode == "int4":
         raise ConfigError(f"int4 runs on torch's CPU int4 kernel; it cannot run on {device} (use int8)")
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
-    name = f"random {source.family}" if isinstance(source, GemmaConfig) else str(source)  # what servers show
-    if isinstance(source, str) and source in PRESETS and not os.path.exists(source):
-        source = PRESETS[source]
     if isinstance(source, GemmaConfig):
         config = source
         with torch.device(device):

@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..model.quantized import Quantization, quantize
 from ..paths import atomic_path, cache_dir, fingerprint
 from ..tokenizer import Tokenizer
-from . import hf
+from . import hf, is_gguf
 from .checkpoint import Checkpoint, TensorRef, build
 
 _FORMAT = 4  # bump when the files change meaning
@@ -34,8 +34,6 @@ def auto(source: str | os.PathLike, device: torch.device) -> Quantization | None
     decode step reads a quarter of float32's bytes. Float checkpoints load as they are. The answer
     is remembered per file, so a warm start does not read the GGUF's header again."""
     src = Path(source)
-    from . import is_gguf
-
     if device.type != "cpu" or not src.is_file() or not is_gguf(src):
         return None
     memo = cache_dir() / "quantized" / f"{src.stem}-{fingerprint([src], _FORMAT)}.auto"
@@ -62,7 +60,7 @@ def path(source: str | os.PathLike, q: Quantization, variant: str | None = None)
 
 def read(source: str | os.PathLike, q: Quantization, variant: str | None = None, progress: bool = True) -> Checkpoint:
     """The quantized `source`, converted now if it has not been before."""
-    from . import read as read_source
+    from . import read as read_source  # looked up when called (tests replace the reader)
 
     folder = path(source, q, variant)
     if not (folder / WEIGHTS).is_file():

@@ -27,13 +27,7 @@ from .. import kernels
 from ..config import GemmaConfig, LayerKind
 from ..errors import GenerationError
 from ..model import Gemma, KVCache
-from ..model.quantized import (
-    Quantization,
-    QuantizedLinear,
-    mode_of,
-    quantization_of,
-    quantized_skeleton,
-)
+from ..model.quantized import Quantization, mode_of, quantization_of, quantized_skeleton
 from ..paths import atomic_path, cache_dir, fingerprint
 
 _PACKAGE = Path(__file__).parent.parent
@@ -162,7 +156,7 @@ class Background:
         torch.set_num_threads(max(1, self._threads - 1))
         if self._someone_else_building():
             return
-        spec = {"config": module.config.to_dict(), "quantization": _quantization(module),
+        spec = {"config": module.config.to_dict(), "quantization": _quantization(module), "lock": str(self.lock),
                 "dtype": str(module.dtype).removeprefix("torch."), "batch": cache.batch_size, "max_len": cache.max_len}
         self.lock.parent.mkdir(parents=True, exist_ok=True)
         log = self.lock.with_suffix(".log")
@@ -192,20 +186,18 @@ class Background:
                 return None  # still compiling (its packages are whole once it has exited)
             self.process = None
             if code != 0:
-                self.failed = True
-                torch.set_num_threads(self._threads)
                 warnings.warn(f"gemmakit: the background compile failed (exit {code}; see "
                               f"{self.lock.with_suffix('.log')}); decoding stays eager", stacklevel=3)
                 self.lock.unlink(missing_ok=True)
-                return None
-        elif not all(p.is_file() for p in self.paths) and self._someone_else_building():
+        elif not self._built() and self._someone_else_building():
             return None  # another process's build, still going
-        if not all(p.is_file() for p in self.paths):  # that build died: eager from now on
-            self.failed = True
-            torch.set_num_threads(self._threads)
-            return None
+        # Done, one way or the other: a build that failed or died leaves this engine eager.
         torch.set_num_threads(self._threads)
-        return build(self.module, self.cache, compile_missing=False)
+        self.failed = not self._built()
+        return None if self.failed else build(self.module, self.cache, compile_missing=False)
+
+    def _built(self) -> bool:
+        return all(p.is_file() for p in self.paths)
 
 
 def _quantization(module: Gemma) -> dict | None:
@@ -223,18 +215,13 @@ def _background_main(spec: dict) -> None:
     else:
         with torch.device("meta"):
             module = Gemma(config).to(dtype)
-    module = module.to_empty(device="cpu").eval()  # shapes and dtypes only: the packages hold no weights
-    if q is not None:
-        for m in module.modules():  # finite garbage: the one eager step before tracing runs on these
-            if isinstance(m, QuantizedLinear):
-                m.weight.zero_()
-                m.scales.zero_()
-    cache = KVCache(config, spec["batch"], spec["max_len"], dtype=dtype)
+    # Shapes and dtypes only: a package holds no weights (tracing's one eager step reads these
+    # uninitialised values; what it computes is thrown away).
+    module = module.to_empty(device="cpu").eval()
     try:
-        build(module, cache)
+        build(module, KVCache(config, spec["batch"], spec["max_len"], dtype=dtype))
     finally:
-        _, plan = _plan(module, cache)
-        plan[0][2].with_suffix(".building").unlink(missing_ok=True)
+        Path(spec["lock"]).unlink(missing_ok=True)
 
 
 def _compile(step: _Step, max_batch: int, lo: int, hi: int, path: Path) -> None:
