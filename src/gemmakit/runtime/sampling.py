@@ -1,4 +1,5 @@
-"""How the next token is chosen: `Sampling` (a value) and `next_tokens`, the batched chooser.
+"""How the next token is chosen: `Sampling` (a value), `next_tokens` (the batched chooser) and
+`token_logprobs` (what the server reports as logprobs).
 
 Each row of a batch has its own Sampling and its own `torch.Generator`, so a seeded request
 draws the same tokens whatever else shares the batch with it.
@@ -18,16 +19,37 @@ from ..config import check_fields
 from ..errors import GenerationError
 
 
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """A dict or (id, bias) pairs -> sorted (id, float bias) pairs; GenerationError on a bad entry."""
+    try:
+        pairs = dict(value.items() if isinstance(value, dict) else value)
+    except (TypeError, ValueError):
+        raise GenerationError(f"sampling field logit_bias must be a dict of token id -> bias, got {value!r}") from None
+    for token, bias in pairs.items():
+        if not (isinstance(token, int) and not isinstance(token, bool) and token >= 0):
+            raise GenerationError(f"sampling field logit_bias: token ids must be integers >= 0, got {token!r}")
+        if not (isinstance(bias, (int, float)) and not isinstance(bias, bool) and -100 <= bias <= 100):
+            raise GenerationError(f"sampling field logit_bias: the bias of token {token} must be a number in "
+                                  f"[-100, 100], got {bias!r}")
+    return tuple(sorted((token, float(bias)) for token, bias in pairs.items()))
+
+
 @dataclass(frozen=True)
 class Sampling:
     """temperature 0 is greedy (argmax; top_k/top_p/min_p/seed are then unused).
 
-    The filters apply in Hugging Face's order: repetition_penalty, temperature, top_k, top_p, min_p.
-    - top_k: keep the k most likely tokens.
-    - top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
-    - min_p: keep tokens at least min_p times as likely as the most likely one.
-    - repetition_penalty: logits of tokens already in the context (prompt and output) are divided
-      by it when positive and multiplied by it when negative (greedy rows too).
+    Applied in this order (the penalties and the bias on greedy rows too, before the argmax):
+    - repetition_penalty (Hugging Face's): logits of tokens already in the context (prompt and
+      output) are divided by it when positive and multiplied by it when negative.
+    - frequency_penalty, presence_penalty (OpenAI's, in [-2, 2]): logit[j] -= frequency_penalty *
+      count[j] + presence_penalty * (count[j] > 0), count[j] being token j's count in the output so
+      far (not the prompt). Negative values encourage repetition.
+    - logit_bias (OpenAI's): logit[j] += bias[j], biases in [-100, 100]; -100 all but bans a
+      token, 100 all but forces it. Given as a dict {token id: bias} or (id, bias) pairs, kept as
+      sorted pairs so that the value stays hashable. The engine checks the ids against the vocabulary.
+    - temperature, then the filters: top_k keeps the k most likely tokens; top_p the smallest set
+      of most likely tokens whose probability reaches top_p; min_p the tokens at least min_p times
+      as likely as the most likely one.
     - seed: seeds this request's own generator; None draws one from torch's global generator, so
       `torch.manual_seed` makes unseeded runs repeatable too.
     """
@@ -37,6 +59,9 @@ class Sampling:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -61,12 +86,22 @@ class Sampling:
             bad("min_p", "in [0, 1] or None")
         if self.repetition_penalty is not None and (not number("repetition_penalty") or self.repetition_penalty <= 0):
             bad("repetition_penalty", "a number > 0 or None")
+        for field in ("presence_penalty", "frequency_penalty"):
+            if not number(field) or not -2 <= getattr(self, field) <= 2:
+                bad(field, "a number in [-2, 2]")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         if self.seed is not None and (not integer("seed") or not 0 <= self.seed < 2**64):
             bad("seed", "an integer in [0, 2**64) or None")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a penalty or a bias changes the logits (a greedy row then leaves the batched argmax)."""
+        return bool(self.repetition_penalty is not None or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias)
 
     def replace(self, **changes) -> Sampling:
         check_fields(Sampling, changes, GenerationError, "sampling field")
@@ -84,14 +119,21 @@ def make_generator(sampling: Sampling, device: str | torch.device = "cpu") -> to
     return torch.Generator(device=device).manual_seed(seed)
 
 
+History = tuple[Sequence[int], Sequence[int]]  # (prompt ids, output ids so far)
+
+
 def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
                 generators: Sequence[torch.Generator | None] | None = None,
-                contexts: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
+                histories: Sequence[History | None] | None = None,
+                allowed: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Last-position logits (B, V) -> the next token of every row (B,) long.
 
-    Row i uses samplings[i], draws with generators[i] (from `make_generator`) and, for
-    repetition_penalty, penalizes the token ids in contexts[i]. Greedy rows cost one batched
-    argmax; only rows that sample or penalize get a float32 copy of their own logits.
+    Row i uses samplings[i] and draws with generators[i] (from `make_generator`); histories[i],
+    (prompt_ids, output_ids), feeds its penalties (None: no penalty); allowed[i], a bool (V,)
+    tensor such as a grammar's `Constraint.mask`, sets every token it marks False to -inf before
+    anything else, so greedy rows and sampled rows alike choose among the allowed tokens only.
+    Greedy rows with nothing to adjust cost one batched argmax; only the other rows get a float32
+    copy of their own logits.
     """
     # The first of equal maxima, as torch's argmax: gemmakit's kernel where it is loaded, else
     # max's indices (argmax's in 60-70% of its time over 262k logits).
@@ -99,11 +141,17 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
     if tokens is None:
         tokens = logits.max(dim=-1).indices  # (B,)
     for i, s in enumerate(samplings):
-        if s.greedy and s.repetition_penalty is None:
+        mask = allowed[i] if allowed is not None else None
+        if s.greedy and mask is None and not s.adjusts_logits:
             continue
-        row = logits[i].float()  # (V,); the same tensor when logits are float32: never modified in place
-        if s.repetition_penalty is not None and contexts is not None and contexts[i]:
-            row = _penalize(row, contexts[i], s.repetition_penalty)
+        # (V,) float32; a copy of its own only where it is changed below: the caller's logits stay as they are
+        row = logits[i].to(torch.float32, copy=mask is not None or s.adjusts_logits)
+        if mask is not None:
+            if not mask.any():
+                raise GenerationError(f"row {i}: its allowed mask allows no token")
+            row.masked_fill_(~mask, -math.inf)
+        if s.adjusts_logits:
+            _adjust_(row, s, _history(histories[i]) if histories is not None else None)
         if s.greedy:
             tokens[i] = row.argmax()
             continue
@@ -112,12 +160,31 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
     return tokens
 
 
-def _penalize(row: torch.Tensor, context: Sequence[int], penalty: float) -> torch.Tensor:
-    ids = torch.as_tensor(context, dtype=torch.long, device=row.device).unique()
-    seen = row[ids]
-    row = row.clone()
-    row[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return row
+def _history(history) -> History | None:
+    # Transitional: the engine still passes one flat list of ids (prompt + output) for
+    # repetition_penalty alone; it is read as a prompt with no output.
+    if history and isinstance(history[0], int):
+        return history, ()
+    return history
+
+
+def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
+    """Applies the penalties and the bias to `row` in place, in Sampling's order."""
+    if history is not None:
+        prompt, output = history
+        if s.repetition_penalty is not None and (prompt or output):
+            ids = torch.as_tensor([*prompt, *output], dtype=torch.long, device=row.device).unique()
+            seen = row[ids]
+            row[ids] = torch.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+        if (s.frequency_penalty or s.presence_penalty) and output:
+            ids, counts = torch.as_tensor(output, dtype=torch.long, device=row.device).unique(return_counts=True)
+            row[ids] -= s.frequency_penalty * counts + s.presence_penalty
+    if s.logit_bias:
+        if s.logit_bias[-1][0] >= row.shape[-1]:  # sorted: the last id is the largest
+            raise GenerationError(f"logit_bias token id {s.logit_bias[-1][0]} is outside the vocabulary "
+                                  f"(0..{row.shape[-1] - 1})")
+        ids, biases = zip(*s.logit_bias)
+        row[torch.tensor(ids, device=row.device)] += torch.tensor(biases, device=row.device)
 
 
 def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -139,3 +206,30 @@ def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> 
         keep &= probs >= s.min_p * probs[0]
     choice = torch.multinomial(probs.masked_fill(~keep, 0.0), 1, generator=generator)
     return ids[choice[0]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor | Sequence[int],
+                   top_n: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Logits (B, V) and the token chosen in each row (B,) -> per row (the chosen token's logprob,
+    the top_n most likely (id, logprob), most likely first).
+
+    The logprobs are the model's own (vLLM's default "raw logprobs"): the logits as the model
+    returns them (after its final soft-cap), before any penalty, bias, mask or temperature, in
+    float32.
+    """
+    if not (isinstance(top_n, int) and top_n >= 0):
+        raise GenerationError(f"top_n must be an integer >= 0, got {top_n!r}")
+    logprobs = logits.float().log_softmax(-1)  # (B, V)
+    tokens = torch.as_tensor(tokens, dtype=torch.long, device=logits.device)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()  # (B,)
+    if not top_n:
+        return [(c, []) for c in chosen]
+    values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)  # (B, top_n)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int],
+                    top_n: int = 0) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """A prompt's logits (T, V) and ids (T,) -> per position the logprob of that prompt token given
+    the ones before it (echo); None for the first, which nothing predicts (as vLLM)."""
+    return [None, *token_logprobs(logits[:-1], list(ids)[1:], top_n)]
