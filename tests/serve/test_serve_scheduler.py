@@ -15,8 +15,14 @@ class RecordingEngine(Engine):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.started = {}  # request id -> the engine step that admitted it
+        self.started = {}  # request id -> the engine step of its first token
+        self.submitted = {}  # request id -> the engine step before which it was submitted
         self.steps = 0
+
+    def submit(self, *args, **kw):
+        request = super().submit(*args, **kw)
+        self.submitted[request.id] = self.steps
+        return request
 
     def step(self):
         deltas = super().step()
@@ -32,25 +38,34 @@ def make(tiny_lm, max_batch, max_queue=8, prefill_budget=512):
     return engine, Scheduler(engine, max_queue=max_queue)
 
 
-def test_burst_of_prompts_joins_over_several_steps(tiny_lm):
-    engine, scheduler = make(tiny_lm, max_batch=4, prefill_budget=10)
+def test_prompts_join_running_streams_within_the_prefill_budget(tiny_lm):
+    """A burst on an idle engine is prefilled at once; a prompt that arrives while others decode
+    is prefilled `prefill_budget` tokens a step, so the running streams get a token every step."""
+    engine, scheduler = make(tiny_lm, max_batch=4, prefill_budget=2)
     prompt = tiny_lm.tokenizer.encode("the quick brown fox jumps")
-    assert 5 < len(prompt) <= 10
+    assert len(prompt) == 6  # 5 tokens to prefill: 3 steps of 2
 
     async def run():
         loop = asyncio.get_running_loop()
-        jobs = [Job(prompt, 6, GREEDY, None, loop) for _ in range(3)]
+        jobs = [Job(prompt, 6, GREEDY, None, loop) for _ in range(2)]
         for job in jobs:
             scheduler.submit(job)
         scheduler.start()
         try:
+            while scheduler.steps < 1:  # decoding now
+                await asyncio.sleep(0.005)
+            late = Job(prompt[:1] + [t + 1 for t in prompt[1:]], 6, GREEDY, None, loop)  # nothing to reuse
+            scheduler.submit(late)
+            jobs.append(late)
             return await asyncio.wait_for(asyncio.gather(*(job.result() for job in jobs)), 60)
         finally:
             scheduler.stop()
 
     outs = asyncio.run(run())
-    assert list(engine.started.values()) == [0, 1, 2]  # one prompt's worth of prefill between decode steps
-    assert len({text for text, _ in outs}) == 1  # the same greedy text whenever each joined
+    first, second, late = engine.started.values()
+    assert first == second == 0  # both prefilled in the first step
+    assert late - engine.submitted[3] == 2  # 2 + 2 + 1 prompt tokens in 3 steps while the others decoded
+    assert outs[0][0] == outs[1][0]  # the same greedy text
     assert all(f.completion_tokens >= 1 for _, f in outs)
 
 

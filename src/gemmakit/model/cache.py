@@ -11,6 +11,7 @@ together), so a short sequence in a long cache does not pay for the empty tail.
 from __future__ import annotations
 
 import copy
+import mmap
 from typing import Sequence
 
 import torch
@@ -31,8 +32,8 @@ class KVCache:
         self.max_chunk = max_len if self.ring == max_len else self.ring - window + 1
         self.kinds = config.layer_kinds  # each layer's
         shape = lambda kind: (batch_size, config.n_kv_heads, self.length(kind), config.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.kinds]
-        self.v = [torch.zeros(shape(kind), dtype=dtype, device=device) for kind in self.kinds]
+        self.k = [zeros(shape(kind), dtype, device) for kind in self.kinds]
+        self.v = [zeros(shape(kind), dtype, device) for kind in self.kinds]
         self.pos = {kind: torch.full((batch_size, self.length(kind)), -1, dtype=torch.long, device=device)
                     for kind in dict.fromkeys(self.kinds)}
         self.rows = torch.arange(batch_size, device=device)[:, None]
@@ -121,17 +122,63 @@ class KVCache:
             n += 1
         return n if n and self.resumable(written, n) else 0
 
-    def swap(self, i: int, j: int) -> None:
-        """Exchanges the contents of rows i and j (keys, values and positions)."""
+    def swap(self, i: int, j: int, length: int | None = None) -> None:
+        """Exchanges the contents of rows i and j (keys, values and positions); length: neither
+        row holds a position at or beyond it, so only the slots below it are copied."""
         if i != j:
-            for t in self._tensors():
+            for t in self._tensors(length):
                 t[[i, j]] = t[[j, i]]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `dst` takes row `src`'s contents, which hold no position at or beyond `length`
+        (only those slots are copied); `src` is left empty."""
+        if src != dst:
+            self.reset(dst)
+            for t in self._tensors(length):
+                t[dst] = t[src]
+            self.reset(src)
+
+    def shrink(self, end: int) -> None:
+        """Attention reads only slots below `end` from now on: the caller vouches that no row
+        holds a position at or beyond it (the rows that did have been reset or moved), so that
+        one long request does not make every later step read its whole length."""
+        self._extent[0] = min(self._extent[0], end)
 
     def copy_row(self, src: int, dst: slice) -> None:
         """Rows `dst` take row `src`'s contents (keys, values and positions): K continuations of
         one context, each in its own row."""
         for t in self._tensors():
             t[dst] = t[src:src + 1]
+
+    def read(self, row: int, positions: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Row `row`'s keys and values at `positions` (n,): per layer a (2, KV, n, D) copy, and
+        whether the sliding layers' ring still holds each position (bool (n,); all True without
+        sliding layers), for a store that keeps them past this row's life (runtime/prefixes.py)."""
+        kv = []
+        for kind, k, v in zip(self.kinds, self.k, self.v):
+            slots = positions % self.length(kind)
+            kv.append(torch.stack((k[row][:, slots], v[row][:, slots])))
+        held = torch.ones_like(positions, dtype=torch.bool)
+        if LayerKind.SLIDING in self.pos:
+            held = self.pos[LayerKind.SLIDING][row, positions % self.ring] == positions
+        return kv, held
+
+    def fill(self, row: int, kv: Sequence[torch.Tensor], length: int) -> None:
+        """Row `row` (empty) takes the keys and values of positions [0, length), as `read` gave
+        them (per layer (2, KV, >= length, D)); sliding layers keep the last `ring` of them,
+        which is all that continuing at `length` reads."""
+        positions = torch.arange(length, device=self.rows.device)
+        for kind, k, v, both in zip(self.kinds, self.k, self.v, kv):
+            n = self.length(kind)
+            keep = slice(max(0, length - n), length)
+            slots = positions[keep] % n
+            k[row][:, slots] = both[0][:, keep]
+            v[row][:, slots] = both[1][:, keep]
+        for kind, table in self.pos.items():
+            n = self.length(kind)
+            keep = positions[max(0, length - n):]
+            table[row, keep % n] = keep
+        self._extend(length)
 
     def row_view(self, row: int) -> KVCache:
         """A cache of batch size 1 that shares row `row`'s storage (for prefilling rows one by one)."""
@@ -161,8 +208,23 @@ class KVCache:
         view._reserved = True
         return view
 
-    def _tensors(self) -> list[torch.Tensor]:
-        return [*self.k, *self.v, *self.pos.values()]
+    def _tensors(self, length: int | None = None) -> list[torch.Tensor]:
+        """Every tensor of the cache, or views of each row's slots below `length` (a ring whole
+        once length reaches it: its slots are positions modulo the ring)."""
+        if length is None:
+            return [*self.k, *self.v, *self.pos.values()]
+        cut = lambda t, axis: t.narrow(axis, 0, min(length, t.shape[axis]))  # noqa: E731
+        return [*(cut(t, 2) for t in self.k + self.v), *(cut(t, 1) for t in self.pos.values())]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def zeros(shape: Sequence[int], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zero tensor whose memory, on the CPU, is taken from the OS page by page as it is written:
+    a cache of 16 rows of 32k positions costs what its rows hold, not gigabytes up front.
+    (Keys must start as numbers, not garbage: a NaN behind a mask still poisons attention.)"""
+    count = torch.Size(shape).numel()
+    if torch.device(device).type != "cpu" or not count:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)

@@ -1,4 +1,4 @@
-"""The generation engine: requests in the slots of one KV cache, decoded together one token a step.
+"""The generation engine: requests in the rows of one KV cache, decoded together one token a step.
 
     engine = lm.engine(max_batch=8)          # or Engine(lm.module, lm.tokenizer, ...)
     request = engine.submit(prompt_ids, max_new_tokens=64, sampling=Sampling(temperature=0.7, seed=1))
@@ -6,18 +6,25 @@
         for delta in engine.step():
             print(delta.text, end="")
 
-Every `step` does three things, in order: admit (waiting requests move into free slots, their
-prompts prefilled: all but the last token, at most `prefill_budget` prompt tokens a step, at least
-one request), decode (one batched forward feeds each active request its latest token at its own
-position; DecodeStep, in the model's compile mode), update (sample, stop, release text; a finished
-request leaves at once and its slot is free for the next). `add` admits one request at once
-instead of at the next step, for callers that want its prefill done when it returns.
+Every `step` does three things, in order: admit (waiting requests take free rows; the longest
+prefix of each prompt found in the prefix cache is copied in), fill (prompts are prefilled in
+chunks, first come first served: all but the last token; while other requests decode, at most
+`prefill_budget` prompt tokens a step, so that a long prompt never stalls the running streams
+for its whole length), decode (one batched forward feeds each decoding request its latest token
+at its own position; DecodeStep, in the model's compile mode) and update (sample, stop, release
+text; a finished request leaves at once and its row is free for the next). `add` admits and
+prefills one request at once instead, for callers that want its prefill done when it returns.
 
-A freed slot keeps its keys and values: a later prompt that starts with the same tokens (the next
-turn of a conversation) prefills only what is new (`Request.reused` counts the tokens it skipped;
-the rule is `KVCache.reusable`'s).
+Prefix caching (prefixes.py): what a request's row holds is published in blocks as its prefill
+completes them and when it ends, so a later prompt that starts with the same tokens (a shared
+system prompt, the next turn of a conversation, n samples of one prompt) prefills only what is
+new (`Request.reused` counts the tokens it skipped). A request waits a step rather than prefill
+blocks that a prompt being prefilled is about to publish.
 
-An engine is not thread-safe: drive submit/step/cancel from one thread (a server's scheduler loop).
+Rows [0, d) decode; rows [d, d + f) are being prefilled; rows stay dense and contiguous (a row
+that leaves is filled by moving the last one of its group into it), so a decode step runs on one
+contiguous view of the cache. An engine is not thread-safe: drive submit/step/cancel from one
+thread (a server's scheduler loop).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from ..errors import GenerationError
 from ..model import Gemma, KVCache
 from ..tokenizer import Tokenizer
+from .prefixes import BLOCK, PrefixCache, block_keys
 from .sampling import GREEDY, Sampling, make_generator, next_tokens
 from .steps import Compile, DecodeStep
 from .text import TextStream
@@ -52,7 +60,7 @@ class Request:
     text: str = ""  # the text released so far (pieces joined); all of it once finished
     # "stop" (stop id or string), "length", "cancelled", or "error" (its prefill raised, and so did `step`)
     finish_reason: str | None = None
-    reused: int = 0  # prompt tokens whose keys and values were already in the slot
+    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -80,23 +88,30 @@ class Delta(NamedTuple):
 
 @dataclass(eq=False)
 class _Row:
-    """The engine's own state of a request while it decodes in a row of the cache."""
+    """The engine's own state of a request in a row of the cache."""
 
     request: Request
-    length: int  # tokens in the cache
-    next: int  # the token the next step feeds, at position `length`
+    index: int  # its row of the cache
+    length: int  # positions in the cache: [0, length)
     generator: torch.Generator | None
-    text: TextStream | None
+    keys: list[bytes]  # the prefix cache's keys of its full blocks so far (prefixes.block_keys)
+    next: int = -1  # once decoding: the token the next step feeds, at position `length`
+    text: TextStream | None = None
+
+    @property
+    def filling(self) -> bool:
+        return self.length < len(self.request.prompt_ids) - 1
 
 
 class Engine:
     def __init__(self, module: Gemma, tokenizer: Tokenizer | None = None, max_batch: int = 8,
                  max_len: int | None = None, compile: Compile | str | None = None,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, prefix_cache: int | None = None):
         """max_len: tokens per request, prompt and output (default: the model's context); the
-        cache holds max_batch of them. prefill_budget: prompt tokens admitted per step (None: as
-        many requests as there are free slots), so that a burst of long prompts joins over several
-        steps instead of stalling the running ones for all of them."""
+        cache holds max_batch of them (its memory is taken as rows fill). prefill_budget: prompt
+        tokens prefilled per step while other requests decode (None: every waiting prompt at
+        once, for batch jobs). prefix_cache: tokens the prefix cache keeps (None: as many as
+        the rows hold, at most 1 GiB of keys and values; 0: none)."""
         config = module.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -105,18 +120,24 @@ class Engine:
             raise GenerationError(f"max_len must be in [1, {config.max_seq_len}] (the model's context), got {max_len!r}")
         if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
             raise GenerationError(f"prefill_budget must be a positive integer or None, got {prefill_budget!r}")
+        if prefix_cache is not None and (not isinstance(prefix_cache, int) or prefix_cache < 0):
+            raise GenerationError(f"prefix_cache must be a number of tokens >= 0 or None, got {prefix_cache!r}")
         self.module = module.eval()
         self.tokenizer = tokenizer
         self.device = module.device
         self.prefill_budget = prefill_budget
         self.cache = KVCache(config, max_batch, max_len, dtype=module.dtype, device=module.device)
         self.decode_step = DecodeStep(self.module, self.cache, Compile.of(compile))
-        # Rows [0, n) hold the active requests in order; a finished row swaps with the last active
-        # one, so a decode step always runs on a contiguous view of the cache.
-        self._rows: list[_Row | None] = [None] * max_batch
-        self._active = 0
-        self._held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens cached in each free slot
+        if prefix_cache is None:
+            per_token = self.cache.nbytes() // (max_batch * max_len) or 1
+            prefix_cache = min(max_batch * max_len, (1 << 30) // per_token)
+        blocks = -(-prefix_cache // BLOCK)
+        self.prefixes = PrefixCache(self.cache, blocks) if blocks else None
+        self._rows: list[_Row | None] = [None] * max_batch  # by row of the cache
+        self._decoding = 0  # rows [0, _decoding) decode
+        self._filling: list[_Row] = []  # rows being prefilled, first come first served, at [_decoding, ...)
         self._waiting: collections.deque[Request] = collections.deque()
+        self._keys: dict[Request, list[bytes]] = {}  # waiting prompts' block keys (prefixes.block_keys)
         self._ids = 0
         self._vocab = min(config.vocab_size, tokenizer.vocab_size) if tokenizer is not None else config.vocab_size
 
@@ -134,8 +155,8 @@ class Engine:
 
     @property
     def requests(self) -> list[Request]:
-        """The requests being decoded, in row order."""
-        return [row.request for row in self._rows[:self._active]]
+        """The admitted requests: those decoding, in row order, then those being prefilled."""
+        return [row.request for row in self._rows[:self._decoding]] + [row.request for row in self._filling]
 
     @property
     def waiting(self) -> list[Request]:
@@ -144,12 +165,12 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        """Whether a step has work: requests decoding or waiting."""
-        return bool(self._active or self._waiting)
+        """Whether a step has work: requests decoding, being prefilled or waiting."""
+        return bool(self._decoding or self._filling or self._waiting)
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch - self._active
+        return self.max_batch - self._decoding - len(self._filling)
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
@@ -185,7 +206,8 @@ class Engine:
             raise GenerationError(f"no free slot: all {self.max_batch} are decoding (wait for one to finish)")
         request = self.submit(prompt_ids, max_new_tokens, sampling, stop_ids, stop_strings)
         self._waiting.pop()
-        self._start(request)
+        row = self._start(request)
+        self._fill_row(row, None)
         return request
 
     def cancel(self, request: Request) -> None:
@@ -195,8 +217,9 @@ class Engine:
         request.finish_reason = "cancelled"
         if request in self._waiting:
             self._waiting.remove(request)
+            self._keys.pop(request, None)
         else:
-            self._release(request)
+            self._release(self._row_of(request))
 
     def stream(self, request: Request) -> Iterator[Delta]:
         """Steps the engine until `request` finishes, yielding its own deltas; a reader that stops
@@ -207,13 +230,14 @@ class Engine:
         finally:
             self.cancel(request)
 
-    # -- a step: admit, decode, update ------------------------------------------------------------
+    # -- a step: admit, fill, decode, update ------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Admits what fits, then one batched decode forward over every active request; one Delta
-        per active request."""
+        """Admits what fits, prefills what the budget allows, then one batched decode forward over
+        every decoding request; one Delta per decoding request."""
         self._admit()
-        rows = self._rows[:self._active]
+        self._fill()
+        rows = self._rows[:self._decoding]
         if not rows:
             return []
         tokens = torch.tensor([[r.next] for r in rows], device=self.device)  # (n, 1)
@@ -225,26 +249,45 @@ class Engine:
         chosen = next_tokens(logits, [q.sampling for q in requests], [r.generator for r in rows], penalized).tolist()
 
         deltas = [Delta(row.request, token, self._update(row, token)) for row, token in zip(rows, chosen)]
-        for d in deltas:
-            if d.request.finished:
-                self._release(d.request)
+        for row in rows:
+            q = row.request
+            if q.finished:
+                self._release(row)
+            elif self.prefixes and row.length % BLOCK == 0:  # a block complete while the ring holds it all
+                self.prefixes.store(row.index, q.prompt_ids + q.output_ids, row.length, keys=row.keys)
         return deltas
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
-        admitted = 0
-        while self._waiting and self.free_slots:
-            n = len(self._waiting[0].prompt_ids)
-            if admitted and budget is not None and n > budget:
+        for request in list(self._waiting):
+            if not self.free_slots:
                 break
-            request = self._waiting.popleft()
-            try:
-                self._start(request)
-            except BaseException:
-                request.finish_reason = "error"
-                raise
-            admitted += 1
-            budget = None if budget is None else budget - n
+            if self._deferred(request):
+                continue
+            self._waiting.remove(request)
+            self._start(request)
+
+    def _deferred(self, request: Request) -> bool:
+        """Whether a prompt being prefilled will soon publish blocks this one could reuse."""
+        keys = self._prompt_keys(request)
+        for row in self._filling:
+            theirs = row.keys
+            shared = next((i for i, (a, b) in enumerate(zip(keys, theirs)) if a != b), min(len(keys), len(theirs)))
+            if shared * BLOCK > row.length:
+                return True
+        return False
+
+    def _prompt_keys(self, request: Request) -> list[bytes]:
+        if request not in self._keys:
+            self._keys[request] = block_keys(request.prompt_ids[:-1]) if self.prefixes else []
+        return self._keys[request]
+
+    def _fill(self) -> None:
+        """Prefills the rows being filled, in order, within the step's budget."""
+        budget = self.prefill_budget if self._decoding else None
+        for row in list(self._filling):
+            budget = self._fill_row(row, budget)
+            if budget == 0:
+                break
 
     def _update(self, row: _Row, token: int) -> str:
         """Records `token`, updates the request's text and finish_reason; returns the released text."""
@@ -282,53 +325,95 @@ class Engine:
                                   f"tokens per request (the model's context is {self.module.config.max_seq_len})")
         return prompt
 
-    def _start(self, request: Request) -> None:
-        """Puts `request` in the free slot that already holds most of its prompt, and prefills the rest."""
+    def _start(self, request: Request) -> _Row:
+        """Gives `request` the first free row, with its longest cached prefix copied in."""
+        index = self._decoding + len(self._filling)
         prompt = request.prompt_ids
-        slot, reused = self._pick_slot(prompt)
-        row = self._active
-        self._swap(slot, row)
-        self._held[row] = []  # until the request ends (a prefill that fails leaves no false record)
+        keys = self._prompt_keys(request)
+        del self._keys[request]
+        reused, slots = self.prefixes.match(prompt, len(prompt) - 1, keys) if self.prefixes else (0, [])
         if reused:
-            self.cache.truncate(row, reused)
-        else:
-            self.cache.reset(row)
-        self._prefill(row, prompt[reused:-1], start=reused)
+            self.prefixes.load(index, slots, reused)
         request.reused = reused
-        text = TextStream(self.tokenizer, prompt[-_PROMPT_CONTEXT:], request.stop_strings) if self.tokenizer else None
-        self._rows[row] = _Row(request, length=len(prompt) - 1, next=prompt[-1],
-                               generator=make_generator(request.sampling, self.device), text=text)
-        self._active += 1
+        row = _Row(request, index, length=reused, generator=make_generator(request.sampling, self.device),
+                   keys=list(keys))
+        self._rows[index] = row
+        self._filling.append(row)
+        return row
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot whose cached tokens share the longest usable prefix with `prompt`."""
-        best, best_reuse = self._active, -1
-        for slot in range(self._active, self.max_batch):
-            held = self._held[slot]
-            n = self.cache.reusable(held, len(held), prompt)
-            # Prefer the longest reuse, then the slot that holds the least (keep other caches for later).
-            if n > best_reuse or (n == best_reuse and len(held) < len(self._held[best])):
-                best, best_reuse = slot, n
-        return best, best_reuse
+    def _fill_row(self, row: _Row, budget: int | None) -> int | None:
+        """Prefills `row` by up to `budget` tokens (None: all); the budget left. A row whose
+        prompt is all in the cache starts decoding."""
+        prompt = row.request.prompt_ids
+        view = self.cache.row_view(row.index)
+        try:
+            while row.filling and budget != 0:
+                end = row.length + min(len(prompt) - 1 - row.length, self.cache.max_chunk, budget or self.cache.max_chunk)
+                if self.prefixes and end // BLOCK * BLOCK > row.length:
+                    end = end // BLOCK * BLOCK  # a chunk ends on a block, published before the ring overwrites it
+                n = end - row.length
+                piece = torch.tensor([prompt[row.length:row.length + n]], device=self.device)  # (1, n)
+                positions = torch.arange(row.length, row.length + n, device=self.device)[None]
+                self.module(piece, positions, view, logits=False)  # fills the cache
+                row.length += n
+                budget = None if budget is None else budget - n
+                if self.prefixes and row.filling:
+                    self.prefixes.store(row.index, prompt, row.length, keys=row.keys)  # the blocks completed so far
+        except BaseException:
+            row.request.finish_reason = "error"
+            self._release(row)
+            raise
+        if not row.filling:
+            self._decode(row)
+        return budget
 
-    def _prefill(self, row: int, ids: list[int], start: int) -> None:
-        view = self.cache.row_view(row)
-        chunk = self.cache.max_chunk
-        for i in range(0, len(ids), chunk):
-            piece = torch.tensor([ids[i:i + chunk]], device=self.device)  # (1, T)
-            positions = torch.arange(start + i, start + i + piece.shape[1], device=self.device)[None]
-            self.module(piece, positions, view, logits=False)  # fills the cache
+    def _decode(self, row: _Row) -> None:
+        """A prefilled row joins the decoding ones (it moves to row `_decoding`)."""
+        request = row.request
+        if self.prefixes:
+            self.prefixes.store(row.index, request.prompt_ids, row.length, tail=True, keys=row.keys)
+        self._filling.remove(row)
+        self._swap(row.index, self._decoding)
+        self._decoding += 1
+        row.next = request.prompt_ids[-1]
+        if self.tokenizer:
+            row.text = TextStream(self.tokenizer, request.prompt_ids[-_PROMPT_CONTEXT:], request.stop_strings)
 
-    def _release(self, request: Request) -> None:
-        i = next(i for i in range(self._active) if self._rows[i].request is request)
-        row, last = self._rows[i], self._active - 1
-        self._swap(i, last)
-        self._rows[last] = None
-        self._held[last] = (request.prompt_ids + request.output_ids)[:row.length]
-        self._active -= 1
+    def _row_of(self, request: Request) -> _Row:
+        return next(row for row in self._rows if row is not None and row.request is request)
+
+    def _release(self, row: _Row) -> None:
+        """Frees `row`'s row of the cache (its keys go to the prefix cache) and closes the gap."""
+        request = row.request
+        if self.prefixes and request.finish_reason != "error":
+            self.prefixes.store(row.index, request.prompt_ids + request.output_ids, row.length, tail=True, keys=row.keys)
+        if row in self._filling:
+            self._filling.remove(row)
+            self._move(self._decoding + len(self._filling), row.index)  # the group's last row fills the gap
+        else:
+            self._decoding -= 1
+            self._move(self._decoding, row.index)
+            if self._filling:  # the gap is now at the start of the rows being filled
+                self._move(self._decoding + len(self._filling), self._decoding)
+        active = [r.length for r in self._rows if r is not None]
+        self.cache.shrink(max(active, default=0))
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row `src` moves to row `dst`, whose request has left; `src` is left empty."""
+        if src == dst:
+            self.cache.reset(src)
+        else:
+            row = self._rows[src]
+            self.cache.move(src, dst, row.length)
+            row.index = dst
+            self._rows[dst] = row
+        self._rows[src] = None
 
     def _swap(self, i: int, j: int) -> None:
         if i != j:
-            self.cache.swap(i, j)
-            self._rows[i], self._rows[j] = self._rows[j], self._rows[i]
-            self._held[i], self._held[j] = self._held[j], self._held[i]
+            a, b = self._rows[i], self._rows[j]
+            self.cache.swap(i, j, max(r.length if r else 0 for r in (a, b)))
+            self._rows[i], self._rows[j] = b, a
+            for index, r in ((i, b), (j, a)):
+                if r is not None:
+                    r.index = index
