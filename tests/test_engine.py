@@ -236,3 +236,31 @@ def test_compiled_decode_steps_pick_the_eager_tokens(model, tokenizer):
     counters.clear()
     assert run("torch") == eager and [len(ids) for ids in eager] == [6, 20]
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@torch.inference_mode()
+def test_logprobs_of_the_output_and_of_the_prompt_are_the_models_own(model, tokenizer):
+    """Each output token's logprob and top alternatives, and the prompt's (echo), equal
+    log_softmax of one full forward over prompt + output, chunked prefill or not."""
+    prompt = tokenizer.encode(PROMPTS[2])
+    engine = Engine(model, tokenizer, max_batch=2, max_len=128, prefill_budget=5)
+    other = engine.add(tokenizer.encode(PROMPTS[0]), 30)  # decoding, so the prompt is prefilled 5 a step
+    engine.step()
+    request = engine.submit(prompt, 6, Sampling(temperature=1.0, seed=3, frequency_penalty=1.0), logprobs=3,
+                            prompt_logprobs=2)
+    while not request.finished:
+        engine.step()
+    engine.cancel(other)
+    ids = prompt + request.output_ids
+    want = model(torch.tensor([ids]))[0].float().log_softmax(-1)  # (T, V)
+    got = request.input_logprobs + request.output_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    for position, (lp, top) in enumerate(got[1:], start=1):
+        row = want[position - 1]
+        assert lp == pytest.approx(row[ids[position]].item(), abs=1e-4)
+        assert len(top) == (2 if position < len(prompt) else 3)
+        assert [i for i, _ in top] == row.topk(len(top)).indices.tolist()
+    with pytest.raises(GenerationError, match="logprobs"):
+        engine.submit(prompt, 2, logprobs=21)
+    with pytest.raises(GenerationError, match="logit_bias token id 99999"):
+        engine.submit(prompt, 2, Sampling(logit_bias={99999: 1.0}))

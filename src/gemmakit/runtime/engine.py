@@ -39,11 +39,13 @@ from ..errors import GenerationError
 from ..model import Gemma, KVCache
 from ..tokenizer import Tokenizer
 from .prefixes import BLOCK, PrefixCache, block_keys
-from .sampling import GREEDY, Sampling, make_generator, next_tokens
+from .sampling import GREEDY, Sampling, make_generator, next_tokens, token_logprobs
 from .steps import Compile, DecodeStep
 from .text import TextStream
 
 _PROMPT_CONTEXT = 4  # prompt tokens decoded with the output so that its first piece keeps its leading space
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
+_SCORED_CHUNK = 64  # prompt tokens a forward when their logits are kept (V floats each)
 
 
 @dataclass(eq=False)
@@ -61,6 +63,12 @@ class Request:
     # "stop" (stop id or string), "length", "cancelled", or "error" (its prefill raised, and so did `step`)
     finish_reason: str | None = None
     reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    logprobs: int | None = None  # record each output token's logprob and the top N (0: its own only)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (prefilled, never reused)
+    constraint: object = None  # a grammar.Constraint the output must follow
+    # (logprob, [(id, logprob) of the top N]) per output token / per prompt token (None for the first)
+    output_logprobs: list = field(default_factory=list)
+    input_logprobs: list = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -174,8 +182,12 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
-               stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = ()) -> Request:
-        """Queues a request; the next `step` with a free slot admits it.
+               stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), *, logprobs: int | None = None,
+               prompt_logprobs: int | None = None, constraint=None) -> Request:
+        """Queues a request; the next `step` with a free slot admits it. logprobs, prompt_logprobs:
+        the model's own log-probabilities (before sampling's penalties and masks) of each output
+        or prompt token, with the N most likely alternatives; constraint: a grammar.Constraint
+        whose mask each step's choice obeys.
 
         Raises GenerationError now for a request the engine cannot serve: an empty prompt, an id
         outside the vocabulary, a prompt longer than `max_len` (a prompt of max_len tokens leaves
@@ -190,10 +202,17 @@ class Engine:
             raise GenerationError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
         if stop_strings and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer; this engine has none (use stop ids)")
+        sampling = sampling or GREEDY
+        bad = next((i for i, _ in sampling.logit_bias if i >= self._vocab), None)
+        if bad is not None:
+            raise GenerationError(f"logit_bias token id {bad} is outside the vocabulary (0..{self._vocab - 1})")
+        for name, n in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LOGPROBS):
+                raise GenerationError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {n!r}")
         self._ids += 1
-        request = Request(id=self._ids, prompt_ids=prompt, max_new_tokens=max_new_tokens,
-                          sampling=sampling or GREEDY, stop_ids=frozenset(int(i) for i in stop_ids),
-                          stop_strings=stop_strings)
+        request = Request(id=self._ids, prompt_ids=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                          stop_ids=frozenset(int(i) for i in stop_ids), stop_strings=stop_strings,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint)
         self._waiting.append(request)
         return request
 
@@ -245,8 +264,19 @@ class Engine:
         logits = self.decode_step(tokens, positions, end=max(r.length for r in rows) + 1)  # (n, V)
         logits = logits[:, :self._vocab]  # a padded embedding's extra rows are not tokens
         requests = [r.request for r in rows]
-        penalized = [q.prompt_ids + q.output_ids if q.sampling.repetition_penalty else None for q in requests]
-        chosen = next_tokens(logits, [q.sampling for q in requests], [r.generator for r in rows], penalized).tolist()
+        histories = [(q.prompt_ids, q.output_ids) if q.sampling.adjusts_logits else None for q in requests]
+        allowed = [q.constraint.mask(logits.shape[-1]) if q.constraint else None for q in requests]
+        chosen = next_tokens(logits, [q.sampling for q in requests], [r.generator for r in rows], histories,
+                             allowed if any(m is not None for m in allowed) else None)
+        scored = [i for i, q in enumerate(requests) if q.logprobs is not None]
+        if scored:
+            top = max(requests[i].logprobs for i in scored)
+            for i, (lp, alternatives) in zip(scored, token_logprobs(logits[scored], chosen[scored], top)):
+                requests[i].output_logprobs.append((lp, alternatives[:requests[i].logprobs]))
+        chosen = chosen.tolist()
+        for q, token in zip(requests, chosen):
+            if q.constraint:
+                q.constraint.accept(token)
 
         deltas = [Delta(row.request, token, self._update(row, token)) for row, token in zip(rows, chosen)]
         for row in rows:
@@ -331,7 +361,10 @@ class Engine:
         prompt = request.prompt_ids
         keys = self._prompt_keys(request)
         del self._keys[request]
-        reused, slots = self.prefixes.match(prompt, len(prompt) - 1, keys) if self.prefixes else (0, [])
+        scored = request.prompt_logprobs is not None  # every prompt position's logits are needed
+        reused, slots = self.prefixes.match(prompt, len(prompt) - 1, keys) if self.prefixes and not scored else (0, [])
+        if scored:
+            request.input_logprobs = [None]  # nothing predicts the first token
         if reused:
             self.prefixes.load(index, slots, reused)
         request.reused = reused
@@ -344,18 +377,23 @@ class Engine:
     def _fill_row(self, row: _Row, budget: int | None) -> int | None:
         """Prefills `row` by up to `budget` tokens (None: all); the budget left. A row whose
         prompt is all in the cache starts decoding."""
-        prompt = row.request.prompt_ids
+        request = row.request
+        prompt, scored = request.prompt_ids, request.prompt_logprobs is not None
         view = self.cache.row_view(row.index)
+        chunk = min(self.cache.max_chunk, _SCORED_CHUNK) if scored else self.cache.max_chunk
         try:
             while row.filling and budget != 0:
-                end = row.length + min(len(prompt) - 1 - row.length, self.cache.max_chunk, budget or self.cache.max_chunk)
+                end = row.length + min(len(prompt) - 1 - row.length, chunk, budget or chunk)
                 if self.prefixes and end // BLOCK * BLOCK > row.length:
                     end = end // BLOCK * BLOCK  # a chunk ends on a block, published before the ring overwrites it
                 n = end - row.length
-                piece = torch.tensor([prompt[row.length:row.length + n]], device=self.device)  # (1, n)
-                positions = torch.arange(row.length, row.length + n, device=self.device)[None]
-                self.module(piece, positions, view, logits=False)  # fills the cache
-                row.length += n
+                piece = torch.tensor([prompt[row.length:end]], device=self.device)  # (1, n)
+                positions = torch.arange(row.length, end, device=self.device)[None]
+                logits = self.module(piece, positions, view, logits=scored)  # fills the cache
+                if scored:  # position p's logits predict prompt token p + 1
+                    request.input_logprobs += token_logprobs(logits[0, :, :self._vocab], prompt[row.length + 1:end + 1],
+                                                             request.prompt_logprobs)
+                row.length = end
                 budget = None if budget is None else budget - n
                 if self.prefixes and row.filling:
                     self.prefixes.store(row.index, prompt, row.length, keys=row.keys)  # the blocks completed so far
