@@ -114,8 +114,6 @@ def test_repetition_penalty_demotes_tokens_in_the_context():
     # negative logits are multiplied: with 0 and 1 seen (1.5, 1.45), -1.0 * 2 = -2 still loses to 1.45
     assert int(next_tokens(logits[None], [greedy], None, [([0, 1], [2, 0])])[0]) == 0
     assert int(next_tokens(logits[None], [Sampling(repetition_penalty=0.5)], None, [([1], [])])[0]) == 1  # < 1 promotes
-    # transitional, until the engine passes (prompt, output): one flat list is the whole context
-    assert int(next_tokens(logits[None], [greedy], None, [[0]])[0]) == 1
 
 
 def reference_logits(row, s, prompt, output):

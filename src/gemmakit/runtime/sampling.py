@@ -151,21 +151,13 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
                 raise GenerationError(f"row {i}: its allowed mask allows no token")
             row.masked_fill_(~mask, -math.inf)
         if s.adjusts_logits:
-            _adjust_(row, s, _history(histories[i]) if histories is not None else None)
+            _adjust_(row, s, histories[i] if histories is not None else None)
         if s.greedy:
             tokens[i] = row.argmax()
             continue
         generator = generators[i] if generators is not None else None
         tokens[i] = _draw(row / s.temperature, s, generator)
     return tokens
-
-
-def _history(history) -> History | None:
-    # Transitional: the engine still passes one flat list of ids (prompt + output) for
-    # repetition_penalty alone; it is read as a prompt with no output.
-    if history and isinstance(history[0], int):
-        return history, ()
-    return history
 
 
 def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
