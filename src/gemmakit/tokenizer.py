@@ -15,6 +15,17 @@ from .paths import atomic_path
 
 ROLES = {"user": "user", "model": "model", "assistant": "model"}  # OpenAI's name for the model's turn
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one byte of UTF-8
+# Gemma's chat format (chat_ids) as a Jinja template, for clients that render it themselves (a
+# server's /tokenizer_info): a system message goes before the first user turn, as Gemma 3's does.
+CHAT_TEMPLATE = (
+    "{% set ns = namespace(system='') %}<bos>"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if m['role'] in ('assistant', 'model') else m['role'] }}\n"
+    "{{ ns.system + (m['content'] | trim) }}<end_of_turn>\n{% set ns.system = '' %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 CONTROL_PIECE = re.compile(r"<start_of_turn>|<end_of_turn>|<mask>|<unused\d+>")  # no text, whatever the file says
 
 

@@ -137,16 +137,24 @@ GOOD = {"model": "gemma-tiny", "prompt": "hello", "max_tokens": 4}
     ({**GOOD, "prompt": [2, 9999]}, 400, "prompt", None),  # token id outside the vocabulary
     ({**GOOD, "top_p": 0}, 400, "top_p", None),
     ({**GOOD, "seed": -1}, 400, "seed", None),
-    ({**GOOD, "prompt": ["hello", "world"]}, 400, "prompt", None),  # one prompt per request
-    ({**GOOD, "n": 2}, 400, "n", None),
-    ({**GOOD, "logprobs": 3}, 400, "logprobs", None),  # refused, not silently dropped
-    ({**GOOD, "frequency_penalty": 0.5}, 400, "frequency_penalty", None),  # fields it cannot honour yet
-    ({**GOOD, "presence_penalty": -1}, 400, "presence_penalty", None),
-    ({**GOOD, "logit_bias": {"5": 100}}, 400, "logit_bias", None),
-    ({**GOOD, "suffix": "return x"}, 400, "suffix", None),
-    ({**GOOD, "best_of": 3}, 400, "best_of", None),
-    ({**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format", None),
-    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ({**GOOD, "prompt": ["hello", ""]}, 400, "prompt", None),  # an empty prompt in a list
+    ({**GOOD, "prompt": [[2, 5], [2, 9999]]}, 400, "prompt", None),
+    ({**GOOD, "n": 0}, 400, "n", None),
+    ({**GOOD, "n": 17}, 400, "n", None),
+    ({**GOOD, "logprobs": 21}, 400, "logprobs", None),
+    ({**GOOD, "frequency_penalty": 2.5}, 400, "frequency_penalty", None),
+    ({**GOOD, "presence_penalty": "x"}, 400, "presence_penalty", None),
+    ({**GOOD, "logit_bias": {"five": 1}}, 400, "logit_bias", None),
+    ({**GOOD, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
+    ({**GOOD, "logit_bias": {"99999": 1}}, 400, "logit_bias", None),  # outside the vocabulary
+    ({**GOOD, "suffix": "return x"}, 400, "suffix", None),  # this tokenizer has no FIM tokens
+    ({**GOOD, "best_of": 3}, 400, "best_of", None),  # only best_of == n
+    ({**GOOD, "response_format": {"type": "json_schema"}}, 400, "response_format", None),  # no schema
+    ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}}, 400,
+     "response_format", None),
+    ({**GOOD, "response_format": {"type": "yaml"}}, 400, "response_format.type", None),
+    ({**GOOD, "functions": [{"name": "f"}]}, 400, "functions", None),  # the deprecated form of tools
+    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),  # chat only
     ({**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),  # unknown model
 ])
 def test_bad_completion_requests(http, body, status, param, code):
@@ -163,7 +171,7 @@ def test_bad_completion_requests(http, body, status, param, code):
 @pytest.mark.parametrize("messages, param", [
     ([], "messages"),
     ([{"role": "user"}], "messages.0.content"),
-    ([{"role": "robot", "content": "hi"}], "messages"),
+    ([{"role": "robot", "content": "hi"}], "messages.0.role"),
     ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "messages"),  # Gemma 1: no system
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages"),
     ([{"role": "user", "content": "hello " * 200}], "messages"),
@@ -175,18 +183,11 @@ def test_bad_chat_requests(client, messages, param):
     assert e.value.body["param"] == param and e.value.body["message"]
 
 
-def test_the_no_op_values_of_unsupported_fields_are_accepted(http):
-    """Clients send these by default (0 penalties, an empty logit_bias, text answers, no tools)."""
+def test_the_default_values_clients_send_are_accepted(http):
+    """Clients send these by default (0 penalties, an empty logit_bias, text answers, no functions)."""
     body = {**GOOD, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "best_of": 1, "suffix": None,
-            "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "someone"}
+            "response_format": {"type": "text"}, "functions": [], "function_call": "none", "user": "someone"}
     assert http.post("/v1/completions", json=body).status_code == 200
-
-
-def test_structured_output_is_refused_through_the_client(client):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="gemma-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
-    assert e.value.status_code == 400 and e.value.body["param"] == "response_format"
 
 
 def test_bad_completion_budget_names_the_field_the_client_used(http):

@@ -66,7 +66,7 @@ def test_prompts_join_running_streams_within_the_prefill_budget(tiny_lm):
     assert first == second == 0  # both prefilled in the first step
     assert late - engine.submitted[3] == 2  # 2 + 2 + 1 prompt tokens in 3 steps while the others decoded
     assert outs[0][0] == outs[1][0]  # the same greedy text
-    assert all(f.completion_tokens >= 1 for _, f in outs)
+    assert all(f.completion_tokens >= 1 for *_, f in outs)
 
 
 def test_cancelled_while_waiting_never_runs_and_queue_is_bounded(tiny_lm):
@@ -123,5 +123,5 @@ def test_an_engine_failure_fails_requests_not_the_thread(tiny_lm):
         finally:
             scheduler.stop()
 
-    text, finished = asyncio.run(run())
+    text, _, finished = asyncio.run(run())
     assert finished.completion_tokens >= 1 and engine.requests == []

@@ -60,7 +60,8 @@ def path(source: str | os.PathLike, q: Quantization, variant: str | None = None)
 
 def read(source: str | os.PathLike, q: Quantization, variant: str | None = None, progress: bool = True) -> Checkpoint:
     """The quantized `source`, converted now if it has not been before."""
-    from . import read as read_source  # looked up when called (tests replace the reader)
+    # looked up when called (tests replace the reader)
+    from . import read as read_source
 
     folder = path(source, q, variant)
     if not (folder / WEIGHTS).is_file():

@@ -20,7 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GemmaError, TokenizerError
+from ..runtime.grammar import Grammar
 from ..runtime.sampling import Sampling
+from ..tokenizer import BYTE_PIECE, CHAT_TEMPLATE
+from . import tools
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
@@ -33,7 +36,7 @@ from .protocol import (
     now,
     usage,
 )
-from .scheduler import Finished, Job, Piece, Scheduler
+from .scheduler import Failed, Finished, Job, Piece, Scheduler
 
 log = logging.getLogger("gemmakit.serve")
 
@@ -104,6 +107,10 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     async def detokenize(body: DetokenizeRequest):
         return server.detokenize(body)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return server.tokenizer_info()
+
     return app
 
 
@@ -120,7 +127,9 @@ class _Server:
 
     def __init__(self, lm, scheduler: Scheduler, name: str, max_len: int):
         self.lm, self.tok, self.scheduler, self.name, self.max_len = lm, lm.tokenizer, scheduler, name, max_len
+        self.vocab = min(lm.config.vocab_size, self.tok.vocab_size)
         self.created = now()
+        self._pieces: dict[int, tuple[str, list[int]]] = {}  # token id -> its text and bytes (logprobs)
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "gemmakit",
@@ -131,39 +140,168 @@ class _Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`",
                            param="model", code="model_not_found")
 
+    # -- /v1/completions ------------------------------------------------------------------------
     async def complete(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
-        if isinstance(body.prompt, str):
-            ids = self.tok.encode(body.prompt)
-        else:
-            bad = [i for i in body.prompt if not 0 <= i < self.lm.config.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                    f"(0..{self.lm.config.vocab_size - 1})", param="prompt")
-            ids = list(body.prompt)
-        job = self._job(body, ids, body.max_tokens, default_max_tokens=16)  # OpenAI's default for completions
-        echo = (body.prompt if isinstance(body.prompt, str) else self.tok.decode(ids)) if body.echo else ""
+        if body.best_of not in (None, body.n):
+            raise APIError(400, "best_of must equal n or be left out: every choice sampled is returned", param="best_of")
+        if body.suffix and any(not isinstance(p, str) for p in body.prompts):
+            raise APIError(400, "suffix needs a text prompt", param="suffix")
+        prompts = [self._fim(p, body.suffix) if body.suffix else self._prompt_ids(p) for p in body.prompts]
+        score_only = body.max_tokens == 0  # echo's logprobs of the prompt and nothing generated
+        if score_only and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
+        options = {"logprobs": body.logprobs,
+                   "prompt_logprobs": body.logprobs if body.echo and body.logprobs is not None else None}
+        jobs = self._jobs(body, prompts, 1 if score_only else body.max_tokens, default_max_tokens=16, options=options,
+                          stop_ids=self.fim_stops if body.suffix else None)
+        echoes = [(p if isinstance(p, str) else self.tok.decode(ids)) if body.echo else ""
+                  for p, ids in zip(body.prompts, prompts)]
         rid = new_id("cmpl")
 
-        def chunk(text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": now(), "model": self.name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        def chunk(choices: list[dict]) -> dict:
+            return {"id": rid, "object": "text_completion", "created": now(), "model": self.name, "choices": choices}
+
+        def choice(job: Job, text: str, tokens: list, finish: str | None, offset: int = 0) -> dict:
+            logprobs = self._completion_logprobs(tokens, offset) if body.logprobs is not None else None
+            return {"index": job.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+        def echoed(job: Job) -> tuple[str, list]:
+            """The prompt's text and scored tokens (the first token is predicted by nothing)."""
+            prompt = job.prompt_ids
+            scores = job.handle.input_logprobs if body.logprobs is not None else []
+            return echoes[job.index // body.n], [(t, *(s or (None, None))) for t, s in zip(prompt, scores)]
 
         if body.stream:
-            return self._stream(job, request, rid, chunk, first=chunk(echo, None) if echo else None,
-                                include_usage=body.include_usage)
-        text, finished = await self._collect(job, request)
-        out = chunk(echo + text, finished.reason)
-        out["usage"] = usage(len(ids), finished.completion_tokens)
+            def first(job: Job) -> list[dict]:  # sent once the job's prefill is done (its scores are there)
+                text, tokens = echoed(job)
+                return [chunk([choice(job, text, tokens, None)])] if body.echo else []
+
+            def piece(job: Job, text: str, tokens: list, finish: str | None) -> list[dict]:
+                if score_only:
+                    text, tokens = "", []
+                return [chunk([choice(job, text, tokens, finish)])] if text or tokens or finish else []
+
+            return self._stream(jobs, request, rid, "text_completion", first, piece,
+                                sum(map(len, prompts)) if body.include_usage else None)
+        results = await self._collect(jobs, request)
+        choices = []
+        for job, (text, tokens, finished) in zip(jobs, results):
+            if score_only:
+                text, tokens = "", []
+            echo_text, echo_tokens = echoed(job)
+            choices.append(choice(job, echo_text + text, echo_tokens + tokens, finished.reason))
+        out = chunk(choices)
+        out["usage"] = usage(sum(map(len, prompts)), 0 if score_only else sum(f.completion_tokens for *_, f in results))
         return out
 
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt)
+        bad = [i for i in prompt if not 0 <= i < self.lm.config.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary "
+                                f"(0..{self.lm.config.vocab_size - 1})", param="prompt")
+        return list(prompt)
+
+    _FIM = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+
+    def _fim(self, prefix: str, suffix: str) -> list[int]:
+        """CodeGemma's fill-in-the-middle prompt: <bos><|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>."""
+        if not all(self.tok.has_token(t) for t in self._FIM):
+            raise APIError(400, "suffix (fill-in-the-middle) needs a model whose vocabulary has CodeGemma's "
+                                "<|fim_prefix|>, <|fim_suffix|> and <|fim_middle|>; this one has not", param="suffix")
+        pre, suf, mid = (self.tok.token_id(t) for t in self._FIM)
+        return [self.tok.bos_id, pre, *self.tok.encode(prefix, add_bos=False), suf,
+                *self.tok.encode(suffix, add_bos=False), mid]
+
+    @property
+    def fim_stops(self) -> list[int]:
+        """A middle ends at <eos> or where CodeGemma starts the next file or fill."""
+        extra = [self.tok.token_id(t) for t in ("<|file_separator|>", "<|fim_prefix|>") if self.tok.has_token(t)]
+        return self.tok.stop_ids + extra
+
+    # -- /v1/chat/completions -------------------------------------------------------------------
+    async def chat(self, body: ChatRequest, request: Request):
+        self.check_model(body.model)
+        callable_tools, tool_mode = tools.chosen(body.tools, body.tool_choice)
+        if tool_mode != "none" and body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, "response_format cannot be combined with tools (a call is JSON already)",
+                           param="response_format")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        ids = self._chat_ids(tools.messages(body.messages, callable_tools if tool_mode != "none" else []))
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        grammar = Grammar.json_schema(self.tok, tools.call_schema(callable_tools)) if tool_mode == "required" else None
+        jobs = self._jobs(body, [ids], getattr(body, field), default_max_tokens=None, field=field, grammar=grammar,
+                          options={"logprobs": (body.top_logprobs or 0) if body.logprobs else None})
+        rid = new_id("chatcmpl")
+        calls = callable_tools if tool_mode != "none" else []
+
+        def chunk(choices: list[dict]) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": self.name,
+                    "choices": choices}
+
+        def logprobs(tokens: list) -> dict | None:
+            return {"content": self._chat_logprobs(tokens)} if body.logprobs else None
+
+        def answer(text: str, finish: str) -> tuple[dict, str]:
+            """The message: text, or the call it makes; and the finish reason."""
+            found = tools.parse(text, calls) if calls else None
+            if found:
+                return {"role": "assistant", "content": None, "tool_calls": found}, "tool_calls"
+            return {"role": "assistant", "content": text}, finish
+
+        if body.stream:
+            held: dict[int, tuple[str, list]] = {job.index: ("", []) for job in jobs}  # a possible call, held back
+
+            def first(job: Job) -> list[dict]:
+                return [chunk([{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None, "logprobs": None}])]
+
+            def piece(job: Job, text: str, tokens: list, finish: str | None) -> list[dict]:
+                if calls and held[job.index] is not None:
+                    text, tokens = held[job.index][0] + text, held[job.index][1] + tokens
+                    if finish is None and tools.may_be_call(text):
+                        held[job.index] = (text, tokens)
+                        return []
+                    held[job.index] = None  # plain text from here on
+                    message, reason = answer(text, finish) if finish else ({"content": text}, None)
+                    if "tool_calls" in message:
+                        delta = {"tool_calls": [{"index": 0, **c} for c in message["tool_calls"]]}
+                        return [chunk([{"index": job.index, "delta": delta, "finish_reason": reason, "logprobs": None}])]
+                    text, finish = message["content"], reason
+                delta = {"content": text} if text else {}
+                if not (delta or tokens or finish):
+                    return []
+                return [chunk([{"index": job.index, "delta": delta, "finish_reason": finish,
+                                "logprobs": logprobs(tokens) if tokens else None}])]
+
+            return self._stream(jobs, request, rid, "chat.completion.chunk", first, piece,
+                                len(ids) if body.include_usage else None)
+        results = await self._collect(jobs, request)
+        choices = []
+        for job, (text, tokens, finished) in zip(jobs, results):
+            message, reason = answer(text, finished.reason)
+            choices.append({"index": job.index, "message": message, "finish_reason": reason,
+                            "logprobs": logprobs(tokens)})
+        return {"id": rid, "object": "chat.completion", "created": now(), "model": self.name, "choices": choices,
+                "usage": usage(len(ids), sum(f.completion_tokens for *_, f in results))}
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            return self.tok.chat_ids(messages)
+        except TokenizerError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    # -- /tokenize, /detokenize, /tokenizer_info -----------------------------------------------
     def tokenize(self, body: TokenizeRequest) -> dict:
         if body.model is not None:
             self.check_model(body.model)
         texts = [t for t in (body.prompt, body.content) if t is not None]
         if len(texts) + (body.messages is not None) != 1:
             raise APIError(400, "send one of prompt (or content) and messages", param="prompt")
-        ids = self._chat_ids(body.messages) if body.messages is not None else \
+        ids = self._chat_ids(tools.messages(body.messages, [])) if body.messages is not None else \
             self.tok.encode(texts[0], add_bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_len}
 
@@ -177,106 +315,182 @@ class _Server:
         text = self.tok.decode(body.tokens)
         return {"prompt": text, "content": text}  # vLLM's name, llama.cpp's server's
 
-    def _chat_ids(self, messages) -> list[int]:
-        try:
-            return self.tok.chat_ids([{"role": m.role, "content": m.text()} for m in messages])
-        except TokenizerError as e:
-            raise APIError(400, str(e), param="messages") from None
-
-    async def chat(self, body: ChatRequest, request: Request):
-        self.check_model(body.model)
-        ids = self._chat_ids(body.messages)
-        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        job = self._job(body, ids, getattr(body, field), default_max_tokens=None, field=field)
-        rid = new_id("chatcmpl")
-
-        def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": self.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-        if body.stream:
-            return self._stream(job, request, rid,
-                                lambda text, finish: chunk({"content": text} if text else {}, finish),
-                                first=chunk({"role": "assistant", "content": ""}, None),
-                                include_usage=body.include_usage, object="chat.completion.chunk")
-        text, finished = await self._collect(job, request)
-        return {"id": rid, "object": "chat.completion", "created": now(), "model": self.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finished.reason, "logprobs": None}],
-                "usage": usage(len(ids), finished.completion_tokens)}
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info, which lm-eval's remote tokenizer reads."""
+        piece = self.tok.piece
+        return {"tokenizer_class": "GemmaTokenizer", "bos_token": piece(self.tok.bos_id),
+                "eos_token": piece(self.tok.eos_id), "pad_token": piece(self.tok.pad_id),
+                "model_max_length": self.max_len, "vocab_size": self.tok.vocab_size,
+                "chat_template": CHAT_TEMPLATE}
 
     # -- shared by both endpoints -------------------------------------------------------------
-    def _job(self, body, ids: list[int], max_tokens: int | None, default_max_tokens: int | None,
-             field: str = "max_tokens") -> Job:
-        room = self.max_len - len(ids)
-        if room <= 0:
-            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt has "
-                                f"{len(ids)}", param="messages" if isinstance(body, ChatRequest) else "prompt",
-                           code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = min(default_max_tokens or room, room)
-        if max_tokens < 1:
-            raise APIError(400, f"{field} must be at least 1, got {max_tokens}", param=field)
-        if max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; you requested "
-                                f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the "
-                                "completion)", param=field, code="context_length_exceeded")
+    def _jobs(self, body, prompts: list[list[int]], max_tokens: int | None, default_max_tokens: int | None,
+              field: str = "max_tokens", options: dict | None = None, grammar: Grammar | None = None,
+              stop_ids: list[int] | None = None) -> list[Job]:
+        """One job per prompt and sample (choice index = prompt * n + sample), checked and
+        submitted together: a request is refused whole or runs whole."""
+        for ids in prompts:
+            room = self.max_len - len(ids)
+            if room <= 0:
+                raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt has "
+                                    f"{len(ids)}", param="messages" if isinstance(body, ChatRequest) else "prompt",
+                               code="context_length_exceeded")
+            wanted = min(default_max_tokens or room, room) if max_tokens is None else max_tokens
+            if wanted < 1:
+                raise APIError(400, f"{field} must be at least 1, got {wanted}", param=field)
+            if wanted > room:
+                raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; you requested "
+                                    f"{len(ids) + wanted} ({len(ids)} in the prompt, {wanted} for the "
+                                    "completion)", param=field, code="context_length_exceeded")
+        bad = next((i for i in body.bias if i >= self.vocab), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary (0..{self.vocab - 1})",
+                           param="logit_bias")
+        grammar = grammar or self._grammar(body.response_format)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = []
+        for p, ids in enumerate(prompts):
+            room = self.max_len - len(ids)
+            wanted = min(default_max_tokens or room, room) if max_tokens is None else max_tokens
+            for k in range(body.n):
+                # n samples of one seed differ from each other and repeat from run to run
+                seed = None if body.seed is None else (body.seed + k) % 2**64
+                try:
+                    sampling = Sampling(temperature=body.temperature, top_p=None if body.top_p == 1.0 else body.top_p,
+                                        top_k=body.top_k or None, min_p=body.min_p,
+                                        repetition_penalty=body.repetition_penalty,
+                                        presence_penalty=body.presence_penalty,
+                                        frequency_penalty=body.frequency_penalty, logit_bias=body.bias, seed=seed)
+                except GemmaError as e:
+                    raise APIError(400, str(e)) from None
+                job_options = dict(options or {}, constraint=grammar.constraint() if grammar else None)
+                jobs.append(Job(ids, wanted, sampling, body.stop, loop, events=events, index=p * body.n + k,
+                                options=job_options, stop_ids=[] if body.ignore_eos else stop_ids))
+        self.scheduler.submit_all(jobs)
+        return jobs
+
+    def _grammar(self, response_format) -> Grammar | None:
+        if response_format is None or response_format.type == "text":
+            return None
         try:
-            sampling = Sampling(temperature=body.temperature, top_p=None if body.top_p == 1.0 else body.top_p,
-                                top_k=body.top_k or None, min_p=body.min_p,
-                                repetition_penalty=body.repetition_penalty, seed=body.seed)
+            if response_format.type == "json_object":
+                return Grammar.json_object(self.tok)
+            return Grammar.json_schema(self.tok, response_format.schema)
         except GemmaError as e:
-            raise APIError(400, str(e)) from None
-        job = Job(ids, max_tokens, sampling, body.stop, asyncio.get_running_loop())
-        self.scheduler.submit(job)
-        return job
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
 
-    async def _collect(self, job: Job, request: Request) -> tuple[str, Finished]:
-        """The whole completion; if the client hangs up first, its row is freed."""
-
-        work, gone = asyncio.ensure_future(job.result()), asyncio.ensure_future(_disconnected(request))
+    async def _collect(self, jobs: list[Job], request: Request) -> list[tuple[str, list, Finished]]:
+        """Every job's text, scored tokens and end, in job order; if the client hangs up first,
+        their rows are freed."""
+        work, gone = asyncio.ensure_future(_gather(jobs)), asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not work.done():
                 work.cancel()
-                self.scheduler.cancel(job)
+                for job in jobs:
+                    self.scheduler.cancel(job)
         if not work.done() or work.cancelled():
             raise APIError(499, "the client closed the connection")  # nobody reads this
         return work.result()
 
-    def _stream(self, job: Job, request: Request, rid: str, chunk, first: dict | None, include_usage: bool,
-                object: str = "text_completion") -> StreamingResponse:
+    def _stream(self, jobs: list[Job], request: Request, rid: str, object: str, first, piece,
+                prompt_tokens: int | None) -> StreamingResponse:
+        """Server-sent events: `first(job)` once a job's first token is out, then `piece(job, text,
+        tokens, finish)` per piece; the chunks they return are sent in the order they come; a
+        usage chunk at the end when prompt_tokens is given (stream_options.include_usage)."""
+        events_queue = jobs[0].events
+
         async def events():
-            finished = False
+            live = set(range(len(jobs)))
+            started: set[int] = set()
+            completion_tokens = 0
             try:
-                if first is not None:
-                    yield _sse(first)
-                completion_tokens = 0
-                while True:
-                    event = await job.events.get()
-                    if isinstance(event, Piece):
-                        yield _sse(chunk(event.text, None))
-                    elif isinstance(event, Finished):
-                        finished = True
-                        completion_tokens = event.completion_tokens
-                        yield _sse(chunk("", event.reason))
-                        break
-                    else:
-                        finished = True  # the scheduler already dropped it
+                while live:
+                    event = await events_queue.get()
+                    job = event.job
+                    if isinstance(event, Failed):
+                        live.clear()  # the scheduler already dropped it; the others are cancelled below
                         yield _sse(event.error.body())
                         break
-                if include_usage and completion_tokens:
+                    if job.index not in started:
+                        started.add(job.index)
+                        for c in first(job):
+                            yield _sse(c)
+                    if isinstance(event, Piece):
+                        chunks = piece(job, event.text, event.tokens, None)
+                    else:
+                        live.discard(job.index)
+                        completion_tokens += event.completion_tokens
+                        chunks = piece(job, "", [], event.reason)
+                    for c in chunks:
+                        yield _sse(c)
+                if prompt_tokens is not None and completion_tokens:
                     yield _sse({"id": rid, "object": object, "created": now(), "model": self.name, "choices": [],
-                                "usage": usage(len(job.prompt_ids), completion_tokens)})
+                                "usage": usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
             finally:
-                if not finished:  # the client hung up (Starlette cancels this generator)
-                    self.scheduler.cancel(job)
+                for job in jobs:  # the client hung up (Starlette cancels this generator), or a job failed
+                    if job.index in live or not job.handle or not job.handle.finished:
+                        self.scheduler.cancel(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- logprobs in OpenAI's two shapes --------------------------------------------------------
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        """A token's text (SentencePiece's '▁' a space; a byte token its byte) and its bytes."""
+        if token not in self._pieces:
+            piece = self.tok.piece(token)
+            byte = BYTE_PIECE.fullmatch(piece)
+            raw = bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+            self._pieces[token] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return self._pieces[token]
+
+    def _completion_logprobs(self, tokens: list, offset: int = 0) -> dict:
+        """The completions endpoint's: parallel lists (None for the first prompt token)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp, top in tokens:
+            text = self._piece(token)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if top is None else {self._piece(i)[0]: v for i, v in top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def _chat_logprobs(self, tokens: list) -> list[dict]:
+        """The chat endpoint's: one entry per token of the answer (a final stop token is not part of it)."""
+        stops = set(self.tok.stop_ids)
+        out = []
+        for token, lp, top in tokens:
+            if token in stops:
+                continue
+            text, raw = self._piece(token)
+            out.append({"token": text, "logprob": lp, "bytes": raw,
+                        "top_logprobs": [{"token": self._piece(i)[0], "logprob": v, "bytes": self._piece(i)[1]}
+                                         for i, v in top]})
+        return out
+
+
+async def _gather(jobs: list[Job]) -> list[tuple[str, list, Finished]]:
+    """Reads the events the jobs share until every job has finished; raises the first failure."""
+    texts: dict[int, list[str]] = {job.index: [] for job in jobs}
+    tokens: dict[int, list] = {job.index: [] for job in jobs}
+    ends: dict[int, Finished] = {}
+    events = jobs[0].events
+    while len(ends) < len(jobs):
+        event = await events.get()
+        i = event.job.index
+        if isinstance(event, Piece):
+            texts[i].append(event.text)
+            tokens[i] += event.tokens
+        elif isinstance(event, Finished):
+            ends[i] = event
+        else:
+            raise event.error
+    return [("".join(texts[j.index]), tokens[j.index], ends[j.index]) for j in jobs]
 
 
 def _sse(obj: dict) -> str:
@@ -341,7 +555,7 @@ class _APIKey:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/tokenize", "/detokenize")):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/tokenize", "/detokenize")):  # and /tokenizer_info
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):

@@ -1,10 +1,9 @@
 """The OpenAI wire format: request bodies (validated by pydantic), response bodies, error bodies.
 
-Requests are validated strictly (a string where a number belongs is a 400, not a coercion). OpenAI
-fields this server cannot honour yet (penalties, logit_bias, response_format, tools, suffix,
-best_of) are a 400 naming the field when set to anything but their no-op value: a client that
-sets one relies on it. Other unknown fields are ignored, as clients send metadata we have no use
-for (`user`, `metadata`).
+Requests are validated strictly (a string where a number belongs is a 400, not a coercion). Every
+OpenAI field is honoured or refused: `functions`/`function_call` (the deprecated form of tools)
+are a 400 naming the field when set; `best_of` is taken when it equals `n`. Other unknown fields
+are ignored, as clients send metadata we have no use for (`user`, `metadata`).
 """
 
 from __future__ import annotations
@@ -40,9 +39,43 @@ class StreamOptions(BaseModel):
 
 
 # field -> the values that change nothing, which clients send by default
-_UNSUPPORTED = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-                "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
-                "functions": (None, []), "function_call": (None, "none", "auto"), "best_of": (None, 1), "suffix": (None, "")}
+_UNSUPPORTED = {"functions": (None, []), "function_call": (None, "none", "auto")}
+MAX_N = 16  # choices per request
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None  # {"name": ..., "schema": {...}, "strict": ...}
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, v):
+        if v is not None and not isinstance(v.get("schema", {}), dict):
+            raise ValueError("json_schema.schema must be a JSON schema object")
+        return v
+
+    @property
+    def schema(self) -> dict | None:
+        """The schema a json_schema format asks for ({} without one: any JSON)."""
+        if self.type != "json_schema":
+            return None
+        if self.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs a json_schema", param="response_format")
+        return self.json_schema.get("schema") or {}
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments (None: no arguments)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: Function
 
 
 class _Sampled(BaseModel):
@@ -57,37 +90,34 @@ class _Sampled(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    ignore_eos: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1  # one choice per request; ask again for more
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
-    best_of: Any = None
-    suffix: Any = None
 
     @field_validator(*_UNSUPPORTED)
     @classmethod
     def _unsupported(cls, v, info):
         if not any(v == ok and type(v) is not bool for ok in _UNSUPPORTED[info.field_name]):
-            raise ValueError(f"{info.field_name} is not supported by this server yet (it would change the "
-                             f"answer); leave it out or send {_UNSUPPORTED[info.field_name][1]!r}")
+            raise ValueError(f"{info.field_name} is not supported by this server (use tools and tool_choice)")
         return v
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_logprobs(cls, v):
-        if v:  # refuse rather than answer without them: a client that asked relies on them
-            raise ValueError("log probabilities are not supported by this server")
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in [-100, 100], got {bias} for token {key}")
         return v
 
     @field_validator("stop")
@@ -106,29 +136,67 @@ class _Sampled(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def bias(self) -> dict[int, float]:
+        return {int(k): b for k, b in (self.logit_bias or {}).items()}
+
 
 class CompletionRequest(_Sampled):
-    prompt: str | list[int] = Field(min_length=1)  # text, or token ids
+    # text, token ids, or a list of either: one choice (n of them) per prompt
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None  # fill-in-the-middle
+    best_of: int | None = None
+    tools: Any = None  # a chat completions field; refused here rather than ignored
+    tool_choice: Any = None
 
-    @field_validator("prompt", mode="before")
+    @field_validator("tools", "tool_choice")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
-            raise ValueError("one prompt per request (a string or a list of token ids); send the others "
-                             "as requests of their own, they are batched together")
+    def _chat_only(cls, v, info):
+        if v not in (None, [], "none"):
+            raise ValueError(f"{info.field_name} belong to /v1/chat/completions")
         return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v):
+        if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
+            raise ValueError("prompts must not be empty")
+        return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        one = isinstance(self.prompt, str) or all(isinstance(t, int) for t in self.prompt)
+        return [self.prompt] if one else list(self.prompt)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: dict  # {"name": ..., "arguments": a JSON string}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
-    content: str | list[dict]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    content: str | list[dict] | None = Field(None, validate_default=True)  # None only beside tool_calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v, info):
+        if v is None and not info.data.get("tool_calls"):
+            raise ValueError("Field required")
+        return v
 
     def text(self) -> str:
         """Content as text; the list form holds parts, of which we can read only text ones."""
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -141,6 +209,11 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # the newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True  # one call per answer either way (see tools.py)
 
 
 class TokenizeRequest(BaseModel):

@@ -23,23 +23,28 @@ log = logging.getLogger("gemmakit.serve")
 
 @dataclass
 class Piece:
+    job: Job
     text: str
+    tokens: list  # (token id, logprob, [(id, logprob) of the top N]) of the tokens it came from, when asked
 
 
 @dataclass
 class Finished:
-    reason: str  # "stop" or "length"
+    job: Job
+    reason: str  # "stop", "length" or "cancelled"
     completion_tokens: int
 
 
 @dataclass
 class Failed:
+    job: Job
     error: APIError
 
 
 @dataclass(eq=False)
 class Job:
-    """One request on its way through the scheduler; the HTTP handler reads `events`."""
+    """One completion on its way through the scheduler; the HTTP handler reads `events`, which
+    the completions of one request (n > 1, a list of prompts) share, told apart by `index`."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -47,10 +52,14 @@ class Job:
     stop: list[str] | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: int = 0  # the choice it answers
+    options: dict = field(default_factory=dict)  # Engine.submit's keywords: logprobs, prompt_logprobs, constraint
+    stop_ids: list[int] | None = None  # None: the tokenizer's
     cancelled: bool = False
     handle: object = None  # the engine's request, once admitted
     submitted: float = field(default_factory=time.monotonic)
     last_token: float | None = None  # when its latest token came (metrics)
+    pending: list = field(default_factory=list)  # scored tokens whose text is not out yet
 
     def push(self, event) -> None:
         try:
@@ -58,15 +67,17 @@ class Job:
         except RuntimeError:  # the loop has closed (server shut down): nobody is waiting
             pass
 
-    async def result(self) -> tuple[str, Finished]:
-        """The whole text and how it ended, once finished; raises the error the scheduler sent."""
-        text = []
+    async def result(self) -> tuple[str, list, Finished]:
+        """The whole text, its scored tokens and how it ended, once finished (for a job with an
+        events queue of its own); raises the error the scheduler sent."""
+        text, tokens = [], []
         while True:
             event = await self.events.get()
             if isinstance(event, Piece):
                 text.append(event.text)
+                tokens += event.tokens
             elif isinstance(event, Finished):
-                return "".join(text), event
+                return "".join(text), tokens, event
             else:
                 raise event.error
 
@@ -98,16 +109,20 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queues the jobs of one request together, or refuses them all (503) when the queue is full."""
         with self._cv:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
             running, waiting = self._counts
             waiting += len(self._inbox)
-            if waiting >= self.max_queue:
+            if waiting + len(jobs) > self.max_queue:
                 raise APIError(503, f"the server is busy: {running} requests running and "
                                     f"{waiting} waiting; retry shortly", type="server_error",
                                code="queue_full", headers={"Retry-After": "1"})
-            self._inbox.append(job)
+            self._inbox.extend(jobs)
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
@@ -159,10 +174,11 @@ class Scheduler:
         if job.cancelled:
             return
         try:
-            job.handle = self.engine.submit(job.prompt_ids, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
-                                            stop_strings=job.stop or ())
+            job.handle = self.engine.submit(job.prompt_ids, job.max_tokens, job.sampling,
+                                            stop_ids=self.stop_ids if job.stop_ids is None else job.stop_ids,
+                                            stop_strings=job.stop or (), **job.options)
         except GemmaError as e:  # the engine found something the handler's checks did not
-            job.push(Failed(APIError(400, str(e))))
+            job.push(Failed(job, APIError(400, str(e))))
             return
         self._jobs.append(job)
 
@@ -176,7 +192,7 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - a bug must fail these requests, not the server
             log.exception("engine step failed; failing its requests")
             for job in list(self._jobs):
-                job.push(Failed(APIError(500, "internal error during generation", type="server_error")))
+                job.push(Failed(job, APIError(500, "internal error during generation", type="server_error")))
                 self._release(job)
             return
         self._count()  # before any job hears of this step
@@ -188,10 +204,14 @@ class Scheduler:
             job = jobs[id(delta.request)]
             if self.metrics is not None:
                 self.metrics.token(job, delta.request.finish_reason)
-            if delta.text:
-                job.push(Piece(delta.text))
+            request = delta.request
+            if request.logprobs is not None:
+                job.pending.append((delta.token_id, *request.output_logprobs[-1]))
+            if delta.text or (job.pending and delta.finished):
+                job.push(Piece(job, delta.text, job.pending))
+                job.pending = []
             if delta.finished:  # the engine has freed its row already
-                job.push(Finished(delta.request.finish_reason, len(delta.request.output_ids)))
+                job.push(Finished(job, request.finish_reason, len(request.output_ids)))
                 done.append(job)
         if done:
             self._jobs = [j for j in self._jobs if j not in done]
@@ -201,7 +221,7 @@ class Scheduler:
             jobs = list(self._jobs) + list(self._inbox)
             self._inbox.clear()
         for job in jobs:
-            job.push(Failed(APIError(503, "the server shut down before this request finished",
-                                     type="server_error", code="shutting_down")))
+            job.push(Failed(job, APIError(503, "the server shut down before this request finished",
+                                          type="server_error", code="shutting_down")))
             if job in self._jobs:
                 self._release(job)
