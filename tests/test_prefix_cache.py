@@ -141,3 +141,20 @@ def test_block_store_keeps_the_sliding_layers_only_while_their_ring_holds_them()
     cache._sliding[block_keys(prompt)[0]] = False
     assert cache.match(prompt, BLOCK + 4)[0] == 0
     assert cache.match(prompt, len(prompt) - 1)[0] == len(prompt) - 1 > 2 * BLOCK + WINDOW
+
+
+def test_prompts_prefilled_together_match_each_alone(model):
+    """Prompts that arrive together are prefilled in one padded forward, chunk by chunk, past the ring."""
+    prompts = [[2] + question(i) * k for i, k in ((1, 3), (2, 4), (3, 5), (4, 6))]  # 22 to 43 tokens
+    engine = Engine(model, None, max_batch=4, max_len=128)
+    calls = []
+    forward = engine.module.forward
+    engine.module.forward = lambda tokens, *a, **kw: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **kw)
+    try:
+        requests = [engine.submit(p, 10) for p in prompts]
+        drain(engine)
+    finally:
+        del engine.module.forward
+    assert any(shape[0] == 4 and shape[1] > 1 for shape in calls)  # a batched prefill happened
+    for p, r in zip(prompts, requests):
+        assert r.output_ids == alone(model, p, 10)

@@ -312,12 +312,70 @@ class Engine:
         return self._keys[request]
 
     def _fill(self) -> None:
-        """Prefills the rows being filled, in order, within the step's budget."""
+        """Prefills the rows being filled within the step's budget: together, a chunk of each in
+        one forward, while their chunks are of similar length; else in order, one by one."""
+        for row in [r for r in self._filling if not r.filling]:  # the whole prompt came from the cache
+            self._decode(row)
         budget = self.prefill_budget if self._decoding else None
-        for row in list(self._filling):
-            budget = self._fill_row(row, budget)
-            if budget == 0:
-                break
+        while self._filling and budget != 0:
+            ends = self._batch_ends(budget)
+            if ends:
+                self._fill_batch(ends)
+                budget = None if budget is None else budget - sum(end - row.length for row, end in ends)
+            else:
+                budget = self._fill_row(self._filling[0], budget)
+
+    def _chunk_end(self, row: _Row, limit: int | None) -> int:
+        """Where `row`'s next prefill chunk ends: at most `limit` tokens (None: a whole chunk)."""
+        scored = row.request.prompt_logprobs is not None
+        chunk = min(self.cache.max_chunk, _SCORED_CHUNK) if scored else self.cache.max_chunk
+        end = row.length + min(len(row.request.prompt_ids) - 1 - row.length, chunk, limit or chunk)
+        if self.prefixes and end // BLOCK * BLOCK > row.length:
+            end = end // BLOCK * BLOCK  # a chunk ends on a block, published before the ring overwrites it
+        return end
+
+    def _batch_ends(self, budget: int | None) -> list[tuple[_Row, int]]:
+        """The chunk end of every row being filled, when one padded forward over all of them is
+        worth it (each gets tokens, none needs logits, padding at most doubles the work); else []."""
+        rows = sorted(self._filling, key=lambda r: r.index)  # rows [_decoding, ...), a contiguous view
+        if len(rows) < 2 or any(r.request.prompt_logprobs is not None for r in rows):
+            return []
+        ends, left = [], budget
+        for row in self._filling:  # the budget goes first come first served
+            end = self._chunk_end(row, left)
+            if end <= row.length:
+                return []
+            ends.append((row, end))
+            left = None if left is None else left - (end - row.length)
+        width = max(end - row.length for row, end in ends)
+        real = sum(end - row.length for row, end in ends)
+        if len(ends) * width > 2 * real + 32 * len(ends) or any(r.length + width > self.max_len for r in rows):
+            return []
+        return sorted(ends, key=lambda e: e[0].index)
+
+    def _fill_batch(self, ends: list[tuple[_Row, int]]) -> None:
+        """One forward of a chunk of every row in `ends` (rows [_decoding, ...) in index order),
+        the shorter chunks padded: a padding token writes keys at a position its row has not
+        reached, which the row overwrites before any of its queries can see it."""
+        width = max(end - row.length for row, end in ends)
+        tokens = [row.request.prompt_ids[row.length:end] for row, end in ends]
+        tokens = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.device)  # (p, width)
+        positions = torch.stack([torch.arange(row.length, row.length + width) for row, _ in ends]).to(self.device)
+        first = ends[0][0].index
+        try:
+            self.module(tokens, positions, self.cache.rows_view(first, first + len(ends)), logits=False)
+        except BaseException:
+            for row, _ in ends:
+                row.request.finish_reason = "error"
+                self._release(row)
+            raise
+        for row, end in ends:
+            row.length = end
+            if self.prefixes:
+                self.prefixes.store(row.index, row.request.prompt_ids, row.length, keys=row.keys)
+        for row, _ in ends:
+            if not row.filling:
+                self._decode(row)
 
     def _update(self, row: _Row, token: int) -> str:
         """Records `token`, updates the request's text and finish_reason; returns the released text."""
@@ -380,12 +438,9 @@ class Engine:
         request = row.request
         prompt, scored = request.prompt_ids, request.prompt_logprobs is not None
         view = self.cache.row_view(row.index)
-        chunk = min(self.cache.max_chunk, _SCORED_CHUNK) if scored else self.cache.max_chunk
         try:
             while row.filling and budget != 0:
-                end = row.length + min(len(prompt) - 1 - row.length, chunk, budget or chunk)
-                if self.prefixes and end // BLOCK * BLOCK > row.length:
-                    end = end // BLOCK * BLOCK  # a chunk ends on a block, published before the ring overwrites it
+                end = self._chunk_end(row, budget)
                 n = end - row.length
                 piece = torch.tensor([prompt[row.length:end]], device=self.device)  # (1, n)
                 positions = torch.arange(row.length, end, device=self.device)[None]
