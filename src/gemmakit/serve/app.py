@@ -42,18 +42,19 @@ log = logging.getLogger("gemmakit.serve")
 
 
 def create_app(lm, model_name: str | None = None, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_len: int | None = None) -> FastAPI:
+               max_queue: int = 64, max_len: int | None = None, prefill_budget: int = 64,
+               prefix_cache: int | None = None) -> FastAPI:
     """An app serving `lm` (a gemmakit.LM with a tokenizer) under `model_name`.
 
     max_batch: engine rows, the requests decoded together; max_queue: requests that may wait for a
-    row before new ones are refused with 503; max_len: context (prompt + completion) per request.
+    row before new ones are refused with 503; max_len: context (prompt + completion) per request;
+    prefill_budget: prompt tokens prefilled per step while others decode; prefix_cache: tokens
+    the prefix cache keeps (Engine's).
     """
     if lm.tokenizer is None:
         raise TokenizerError("the model has no tokenizer; pass one with --tokenizer")
     max_len = min(max_len or lm.config.max_seq_len, lm.config.max_seq_len)
-    # At most 512 prompt tokens are admitted between two decode steps: a burst of long prompts
-    # joins over several steps instead of stalling the running streams for all of them.
-    engine = lm.engine(max_batch=max_batch, max_len=max_len, prefill_budget=512)
+    engine = lm.engine(max_batch=max_batch, max_len=max_len, prefill_budget=prefill_budget, prefix_cache=prefix_cache)
     metrics = ServerMetrics(lambda: scheduler.stats())
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
     name = model_name or default_model_name(lm.source)

@@ -20,6 +20,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 503")
     p.add_argument("--context", type=int, default=4096,
                    help="tokens per request, prompt and completion (sizes the KV cache)")
+    p.add_argument("--prefill-budget", type=int, default=64,
+                   help="prompt tokens prefilled per step while other requests decode (chunked prefill)")
+    p.add_argument("--prefix-cache", type=int, default=None,
+                   help="tokens the prefix cache keeps (0: off; default: as many as the rows hold, at most 1 GiB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM before they are cancelled")
@@ -30,9 +34,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli.options import load_model
     from ..errors import GemmaError
 
-    for name in ("port", "max_batch", "max_queue", "context"):
+    for name in ("port", "max_batch", "max_queue", "context", "prefill_budget"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             raise GemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.prefix_cache is not None and args.prefix_cache < 0:
+        raise GemmaError(f"--prefix-cache must be a number of tokens >= 0, got {args.prefix_cache}")
     try:
         import uvicorn
 
@@ -46,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     lm = load_model(args)
     app = create_app(lm, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
-                     max_queue=args.max_queue, max_len=args.context)
+                     max_queue=args.max_queue, max_len=args.context, prefill_budget=args.prefill_budget,
+                     prefix_cache=args.prefix_cache)
     print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: {args.host} is reachable from other machines and --api-key is not set", file=sys.stderr)
