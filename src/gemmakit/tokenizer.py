@@ -6,6 +6,7 @@ from GGUF metadata) or the `tokenizers` library (`tokenizer.json`). Both give th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -78,7 +79,9 @@ class Tokenizer:
             raise TokenizerError(f"{name}: {e}") from None
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Writes tokenizer.model (SentencePiece) or tokenizer.json into `folder`; returns the file."""
+        """Writes tokenizer.model (SentencePiece) or tokenizer.json into `folder`, and the
+        tokenizer_config.json that tells transformers and vLLM to put <bos> first (without it
+        they add none, and Gemma's answers are garbage) and the chat template; returns the file."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / ("tokenizer.model" if self._sp is not None else "tokenizer.json")
@@ -87,6 +90,12 @@ class Tokenizer:
                 tmp.write_bytes(self._sp.serialized_model_proto())
             else:
                 self._hf.save(str(tmp))
+        settings = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                    **{f"{name}_token": self.piece(i) for name, i in
+                       (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))},
+                    "chat_template": CHAT_TEMPLATE}
+        with atomic_path(folder / "tokenizer_config.json") as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
         return out
 
     def sentencepiece_proto(self) -> bytes | None:

@@ -235,8 +235,13 @@ def test_writes_folders_transformers_reads(family, tmp_path, sentencepiece_model
     tok = gemmakit.Tokenizer.from_file(sentencepiece_model, family=family)
     lm = random_lm(family, tok)
     out = lm.save(tmp_path / "out", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model",
+                                                     "tokenizer_config.json"]
     assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temp folder left behind
+    theirs = transformers.AutoTokenizer.from_pretrained(out)  # what vLLM and transformers users load
+    assert theirs("the lazy fox 123")["input_ids"] == tok.encode("the lazy fox 123")  # <bos> first
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"}]
+    assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.render_chat(chat)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[family]
     assert config["tie_word_embeddings"] is True and config["eos_token_id"] == tok.eos_id
