@@ -157,7 +157,8 @@ def test_system_message_is_rejected_before_gemma3(hf_tok, family):
 
 def test_real_tokenizer_json_save_round_trips(hf_tok, tmp_path):
     out = hf_tok.save(tmp_path / "new" / "folder")
-    assert out.name == "tokenizer.json" and sorted(p.name for p in out.parent.iterdir()) == ["tokenizer.json"]
+    assert out.name == "tokenizer.json" and sorted(p.name for p in out.parent.iterdir()) == ["tokenizer.json",
+                                                                                              "tokenizer_config.json"]
     again = Tokenizer.from_file(out)
     for text in ROUND_TRIP:
         assert again.encode(text) == hf_tok.encode(text)
