@@ -214,7 +214,8 @@ def test_gemma3_folds_the_system_message_into_the_first_user_turn(sp_tok):
 
 def test_sentencepiece_save_round_trips(sp_tok, sentencepiece_model, tmp_path):
     out = sp_tok.save(tmp_path)
-    assert out == tmp_path / "tokenizer.model" and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model"]
+    assert out == tmp_path / "tokenizer.model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     assert out.read_bytes() == sentencepiece_model.read_bytes()
     again = Tokenizer.from_file(out)
     for text in ROUND_TRIP:
