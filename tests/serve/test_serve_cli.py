@@ -38,6 +38,9 @@ def test_serve_command_starts_answers_and_stops_cleanly(sentencepiece_model):
         assert httpx.get(url + "/v1/models").status_code == 401
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
         assert models["data"][0]["id"] == "gemma-tiny" and models["data"][0]["context_length"] == 64
+        answer = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                            json={"model": "gemma-tiny", "prompt": "hello", "max_tokens": 3}).json()
+        assert answer["usage"]["completion_tokens"] == 3  # the engine runs on the main thread
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     finally:

@@ -43,13 +43,15 @@ log = logging.getLogger("gemmakit.serve")
 
 def create_app(lm, model_name: str | None = None, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_len: int | None = None, prefill_budget: int = 64,
-               prefix_cache: int | None = None) -> FastAPI:
+               prefix_cache: int | None = None, own_thread: bool = True) -> FastAPI:
     """An app serving `lm` (a gemmakit.LM with a tokenizer) under `model_name`.
 
     max_batch: engine rows, the requests decoded together; max_queue: requests that may wait for a
     row before new ones are refused with 503; max_len: context (prompt + completion) per request;
     prefill_budget: prompt tokens prefilled per step while others decode; prefix_cache: tokens
-    the prefix cache keeps (Engine's).
+    the prefix cache keeps (Engine's). own_thread=False: the caller drives the engine with
+    `app.state.scheduler.run()` on the thread that loaded the model (see scheduler.py: faster),
+    and the app only stops it at shutdown.
     """
     if lm.tokenizer is None:
         raise TokenizerError("the model has no tokenizer; pass one with --tokenizer")
@@ -62,7 +64,8 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if own_thread:
+            scheduler.start()
         yield
         scheduler.stop()  # after uvicorn's graceful wait: whatever is still running is cancelled
 

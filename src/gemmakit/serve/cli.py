@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 
 def register(subparsers) -> None:
@@ -53,10 +55,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lm = load_model(args)
     app = create_app(lm, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.context, prefill_budget=args.prefill_budget,
-                     prefix_cache=args.prefix_cache)
-    print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1", flush=True)
+                     prefix_cache=args.prefix_cache, own_thread=False)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: {args.host} is reachable from other machines and --api-key is not set", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=args.shutdown_timeout)
-    return 0
+    # The engine runs here, on the thread that loaded the model (serve/scheduler.py says why), and
+    # the HTTP server on a thread beside it; signals come to this thread and end the HTTP server
+    # gracefully, whose shutdown then stops the engine.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    http = threading.Thread(target=server.run, name="gemmakit-http", daemon=True)
+
+    def stop(signum, frame):
+        if server.should_exit:  # a second Ctrl-C: do not wait for the requests in flight
+            server.force_exit = True
+        server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    http.start()
+    print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1", flush=True)
+    scheduler = app.state.scheduler
+    watcher = threading.Thread(target=_stop_when_done, args=(http, scheduler), daemon=True)
+    watcher.start()
+    scheduler.run()
+    http.join(args.shutdown_timeout + 5)
+    return 0 if server.started else 1
+
+
+def _stop_when_done(http, scheduler) -> None:
+    """Stops the engine when the HTTP server ends without a shutdown of its own (it could not bind)."""
+    http.join()
+    scheduler.stop()
