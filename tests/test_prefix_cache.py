@@ -158,3 +158,22 @@ def test_prompts_prefilled_together_match_each_alone(model):
     assert any(shape[0] == 4 and shape[1] > 1 for shape in calls)  # a batched prefill happened
     for p, r in zip(prompts, requests):
         assert r.output_ids == alone(model, p, 10)
+
+
+def test_prefill_share_sizes_a_steps_prefill_by_the_measured_pace(model):
+    engine = Engine(model, None, max_batch=2, max_len=128, prefill_budget=64, prefill_share=1.0)
+    assert engine._budget() == 64  # nothing measured yet: the budget
+    engine._pace = [0.040, 0.002]  # a decode step takes 40 ms, a prompt token 2 ms
+    assert engine._budget() == 20
+    engine._pace = [0.040, 0.0001]
+    assert engine._budget() == 64  # within the budget
+    engine._pace = [0.040, 0.05]
+    assert engine._budget() == BLOCK  # a long prompt still moves
+    running = engine.add(question(1), 30)
+    engine.step()
+    assert engine._pace[0] is not None and engine._pace[1] is not None  # both are measured as they run
+    late = engine.submit(SYSTEM, 6)
+    drain(engine)
+    assert late.output_ids == alone(model, SYSTEM, 6) and running.output_ids == alone(model, question(1), 30)
+    with pytest.raises(GenerationError, match="prefill_share"):
+        Engine(model, None, prefill_share=0)

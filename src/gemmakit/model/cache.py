@@ -163,22 +163,32 @@ class KVCache:
             held = self.pos[LayerKind.SLIDING][row, positions % self.ring] == positions
         return kv, held
 
+    def kept(self, kind: LayerKind, length: int) -> int:
+        """How many of positions [0, length) `fill` takes for a layer of this kind: all for a
+        global layer, the window's worth for a sliding one (continuing at `length` reads no older)."""
+        return min(length, self.window - 1 if kind is LayerKind.SLIDING else length)
+
     def fill(self, row: int, kv: Sequence[torch.Tensor], length: int) -> None:
-        """Row `row` (empty) takes the keys and values of positions [0, length), as `read` gave
-        them (per layer (2, KV, >= length, D)); sliding layers keep the last `ring` of them,
-        which is all that continuing at `length` reads."""
-        positions = torch.arange(length, device=self.rows.device)
+        """Row `row` (empty) takes the keys and values of positions [0, length): per layer a
+        (2, KV, n, D) tensor of the last n = kept(kind, length) of them."""
         for kind, k, v, both in zip(self.kinds, self.k, self.v, kv):
-            n = self.length(kind)
-            keep = slice(max(0, length - n), length)
-            slots = positions[keep] % n
-            k[row][:, slots] = both[0][:, keep]
-            v[row][:, slots] = both[1][:, keep]
+            for (slot, at, n) in self._slots(kind, length):
+                k[row, :, slot:slot + n] = both[0, :, at:at + n]
+                v[row, :, slot:slot + n] = both[1, :, at:at + n]
         for kind, table in self.pos.items():
-            n = self.length(kind)
-            keep = positions[max(0, length - n):]
-            table[row, keep % n] = keep
+            for (slot, at, n) in self._slots(kind, length):
+                start = length - self.kept(kind, length) + at
+                table[row, slot:slot + n] = torch.arange(start, start + n, device=table.device)
         self._extend(length)
+
+    def _slots(self, kind: LayerKind, length: int) -> list[tuple[int, int, int]]:
+        """Where the last kept(kind, length) positions before `length` live in a row of this kind:
+        (first slot, offset among those positions, count) runs, two where a ring wraps."""
+        size = self.length(kind)
+        n = self.kept(kind, length)
+        first = (length - n) % size
+        head = min(n, size - first)
+        return [(first, 0, head)] + ([(0, head, n - head)] if head < n else [])
 
     def row_view(self, row: int) -> KVCache:
         """A cache of batch size 1 that shares row `row`'s storage (for prefilling rows one by one)."""

@@ -30,6 +30,7 @@ thread (a server's scheduler loop).
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
@@ -114,12 +115,16 @@ class _Row:
 class Engine:
     def __init__(self, module: Gemma, tokenizer: Tokenizer | None = None, max_batch: int = 8,
                  max_len: int | None = None, compile: Compile | str | None = None,
-                 prefill_budget: int | None = None, prefix_cache: int | None = None):
+                 prefill_budget: int | None = None, prefix_cache: int | None = None,
+                 prefill_share: float | None = None):
         """max_len: tokens per request, prompt and output (default: the model's context); the
         cache holds max_batch of them (its memory is taken as rows fill). prefill_budget: prompt
         tokens prefilled per step while other requests decode (None: every waiting prompt at
-        once, for batch jobs). prefix_cache: tokens the prefix cache keeps (None: as many as
-        the rows hold, at most 1 GiB of keys and values; 0: none)."""
+        once, for batch jobs). prefill_share: besides, a step's prefill takes about this share of
+        a decode step's time at most (both measured as they run; a long context makes a token
+        of prefill dearer), so that the running streams' inter-token latency stays within
+        (1 + share) of their own pace (None: the budget alone). prefix_cache: tokens the prefix
+        cache keeps (None: as many as the rows hold, at most 1 GiB of keys and values; 0: none)."""
         config = module.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -128,12 +133,16 @@ class Engine:
             raise GenerationError(f"max_len must be in [1, {config.max_seq_len}] (the model's context), got {max_len!r}")
         if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
             raise GenerationError(f"prefill_budget must be a positive integer or None, got {prefill_budget!r}")
+        if prefill_share is not None and (not isinstance(prefill_share, (int, float)) or not prefill_share > 0):
+            raise GenerationError(f"prefill_share must be a number > 0 or None, got {prefill_share!r}")
         if prefix_cache is not None and (not isinstance(prefix_cache, int) or prefix_cache < 0):
             raise GenerationError(f"prefix_cache must be a number of tokens >= 0 or None, got {prefix_cache!r}")
         self.module = module.eval()
         self.tokenizer = tokenizer
         self.device = module.device
         self.prefill_budget = prefill_budget
+        self.prefill_share = prefill_share
+        self._pace = [None, None]  # seconds a decode step takes, seconds a token of prefill takes (moving averages)
         self.cache = KVCache(config, max_batch, max_len, dtype=module.dtype, device=module.device)
         self.decode_step = DecodeStep(self.module, self.cache, Compile.of(compile))
         if prefix_cache is None:
@@ -261,6 +270,7 @@ class Engine:
             return []
         tokens = torch.tensor([[r.next] for r in rows], device=self.device)  # (n, 1)
         positions = torch.tensor([[r.length] for r in rows], device=self.device)  # (n, 1)
+        start = time.perf_counter()
         logits = self.decode_step(tokens, positions, end=max(r.length for r in rows) + 1)  # (n, V)
         logits = logits[:, :self._vocab]  # a padded embedding's extra rows are not tokens
         requests = [r.request for r in rows]
@@ -273,7 +283,8 @@ class Engine:
             top = max(requests[i].logprobs for i in scored)
             for i, (lp, alternatives) in zip(scored, token_logprobs(logits[scored], chosen[scored], top)):
                 requests[i].output_logprobs.append((lp, alternatives[:requests[i].logprobs]))
-        chosen = chosen.tolist()
+        chosen = chosen.tolist()  # waits for the device, so the clock below has the step's time
+        self._paced(0, time.perf_counter() - start)
         for q, token in zip(requests, chosen):
             if q.constraint:
                 q.constraint.accept(token)
@@ -316,7 +327,7 @@ class Engine:
         one forward, while their chunks are of similar length; else in order, one by one."""
         for row in [r for r in self._filling if not r.filling]:  # the whole prompt came from the cache
             self._decode(row)
-        budget = self.prefill_budget if self._decoding else None
+        budget = self._budget() if self._decoding else None
         while self._filling and budget != 0:
             ends = self._batch_ends(budget)
             if ends:
@@ -324,6 +335,23 @@ class Engine:
                 budget = None if budget is None else budget - sum(end - row.length for row, end in ends)
             else:
                 budget = self._fill_row(self._filling[0], budget)
+
+    def _budget(self) -> int | None:
+        """Prompt tokens this step may prefill beside the decoding requests."""
+        decode, token = self._pace
+        if self.prefill_share is None or decode is None or token is None:
+            return self.prefill_budget
+        fits = max(BLOCK, int(self.prefill_share * decode / token))  # at least a block: long prompts move
+        return fits if self.prefill_budget is None else min(fits, self.prefill_budget)
+
+    def _timed(self, start: float, tokens: int) -> None:
+        """Notes a prefill forward's time per token (on a GPU the forward is only queued: no pace)."""
+        if self.device.type == "cpu":
+            self._paced(1, (time.perf_counter() - start) / tokens)
+
+    def _paced(self, which: int, seconds: float) -> None:
+        old = self._pace[which]
+        self._pace[which] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
     def _chunk_end(self, row: _Row, limit: int | None) -> int:
         """Where `row`'s next prefill chunk ends: at most `limit` tokens (None: a whole chunk)."""
@@ -362,8 +390,10 @@ class Engine:
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.device)  # (p, width)
         positions = torch.stack([torch.arange(row.length, row.length + width) for row, _ in ends]).to(self.device)
         first = ends[0][0].index
+        start = time.perf_counter()
         try:
             self.module(tokens, positions, self.cache.rows_view(first, first + len(ends)), logits=False)
+            self._timed(start, sum(end - row.length for row, end in ends))
         except BaseException:
             for row, _ in ends:
                 row.request.finish_reason = "error"
@@ -444,7 +474,9 @@ class Engine:
                 n = end - row.length
                 piece = torch.tensor([prompt[row.length:end]], device=self.device)  # (1, n)
                 positions = torch.arange(row.length, end, device=self.device)[None]
+                start = time.perf_counter()
                 logits = self.module(piece, positions, view, logits=scored)  # fills the cache
+                self._timed(start, n)
                 if scored:  # position p's logits predict prompt token p + 1
                     request.input_logprobs += token_logprobs(logits[0, :, :self._vocab], prompt[row.length + 1:end + 1],
                                                              request.prompt_logprobs)

@@ -11,7 +11,7 @@ a chain is evicted from its end and never loses its beginning first.
 
 The engine's rows stay dense, one contiguous tensor per row: CPU attention kernels read a row
 as it is, where a block table would gather every row's whole context on every token. A hit is
-a copy (of positions [0, n) for global layers; of the last ring's worth for sliding layers),
+a copy (of positions [0, n) for global layers; of the last window's worth for sliding layers),
 which costs a few milliseconds where a prefill of the same tokens costs seconds.
 
 Sliding-window layers: a block keeps its sliding layers' keys only while its row's ring still
@@ -101,9 +101,28 @@ class PrefixCache:
         return n, slots
 
     def load(self, row: int, slots: list[int], length: int) -> None:
-        """Copies the first `length` positions of the blocks `match` found into row `row` (empty)."""
-        index = torch.cat([torch.arange(s * self.block, (s + 1) * self.block) for s in slots])[:length]
-        self.cache.fill(row, [pool[:, :, index] for pool in self.pool], length)
+        """Copies the first `length` positions of the blocks `match` found into row `row` (empty):
+        what each layer keeps of them (cache.fill), as slices of runs of consecutive slots."""
+        runs = []  # (first slot, blocks): a chain stored at once sits in consecutive slots
+        for slot in slots:
+            if runs and runs[-1][0] + runs[-1][1] == slot:
+                runs[-1][1] += 1
+            else:
+                runs.append([slot, 1])
+        kv = []
+        for kind, pool in zip(self.cache.kinds, self.pool):
+            kv.append(self._positions(pool, runs, length - self.cache.kept(kind, length), length))
+        self.cache.fill(row, kv, length)
+
+    def _positions(self, pool: torch.Tensor, runs: list[list[int]], start: int, stop: int) -> torch.Tensor:
+        """The chain's positions [start, stop) of one layer's pool: (2, KV, stop - start, D)."""
+        pieces, at = [], 0  # `at`: the chain position where a run begins
+        for slot, blocks in runs:
+            a, b = max(start, at), min(stop, at + blocks * self.block)
+            if a < b:
+                pieces.append(pool.narrow(2, slot * self.block + a - at, b - a))
+            at += blocks * self.block
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
     # -- storing --------------------------------------------------------------------------------
     def store(self, row: int, tokens: Sequence[int], length: int, tail: bool = False,

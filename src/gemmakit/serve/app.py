@@ -42,21 +42,22 @@ log = logging.getLogger("gemmakit.serve")
 
 
 def create_app(lm, model_name: str | None = None, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_len: int | None = None, prefill_budget: int = 64,
-               prefix_cache: int | None = None, own_thread: bool = True) -> FastAPI:
+               max_queue: int = 64, max_len: int | None = None, prefill_budget: int = 512,
+               prefill_share: float | None = 1.0, prefix_cache: int | None = None, own_thread: bool = True) -> FastAPI:
     """An app serving `lm` (a gemmakit.LM with a tokenizer) under `model_name`.
 
     max_batch: engine rows, the requests decoded together; max_queue: requests that may wait for a
     row before new ones are refused with 503; max_len: context (prompt + completion) per request;
-    prefill_budget: prompt tokens prefilled per step while others decode; prefix_cache: tokens
-    the prefix cache keeps (Engine's). own_thread=False: the caller drives the engine with
+    prefill_budget, prefill_share: how much prompt a step prefills while others decode, in tokens
+    and as a share of a decode step's time; prefix_cache: tokens the prefix cache keeps (Engine's). own_thread=False: the caller drives the engine with
     `app.state.scheduler.run()` on the thread that loaded the model (see scheduler.py: faster),
     and the app only stops it at shutdown.
     """
     if lm.tokenizer is None:
         raise TokenizerError("the model has no tokenizer; pass one with --tokenizer")
     max_len = min(max_len or lm.config.max_seq_len, lm.config.max_seq_len)
-    engine = lm.engine(max_batch=max_batch, max_len=max_len, prefill_budget=prefill_budget, prefix_cache=prefix_cache)
+    engine = lm.engine(max_batch=max_batch, max_len=max_len, prefill_budget=prefill_budget, prefix_cache=prefix_cache,
+                       prefill_share=prefill_share)
     metrics = ServerMetrics(lambda: scheduler.stats())
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
     name = model_name or default_model_name(lm.source)

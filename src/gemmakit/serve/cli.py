@@ -22,8 +22,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 503")
     p.add_argument("--context", type=int, default=4096,
                    help="tokens per request, prompt and completion (sizes the KV cache)")
-    p.add_argument("--prefill-budget", type=int, default=64,
-                   help="prompt tokens prefilled per step while other requests decode (chunked prefill)")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled per step at most while other requests decode (chunked prefill)")
+    p.add_argument("--prefill-share", type=float, default=1.0,
+                   help="besides, a step's prefill takes at most this share of a decode step's time, so the "
+                        "running streams' inter-token latency stays within (1 + share) of their own pace")
     p.add_argument("--prefix-cache", type=int, default=None,
                    help="tokens the prefix cache keeps (0: off; default: as many as the rows hold, at most 1 GiB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -39,6 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("port", "max_batch", "max_queue", "context", "prefill_budget"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             raise GemmaError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not args.prefill_share > 0:
+        raise GemmaError(f"--prefill-share must be a number > 0, got {args.prefill_share}")
     if args.prefix_cache is not None and args.prefix_cache < 0:
         raise GemmaError(f"--prefix-cache must be a number of tokens >= 0, got {args.prefix_cache}")
     try:
@@ -55,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lm = load_model(args)
     app = create_app(lm, model_name=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.context, prefill_budget=args.prefill_budget,
-                     prefix_cache=args.prefix_cache, own_thread=False)
+                     prefill_share=args.prefill_share, prefix_cache=args.prefix_cache, own_thread=False)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: {args.host} is reachable from other machines and --api-key is not set", file=sys.stderr)
     # The engine runs here, on the thread that loaded the model (serve/scheduler.py says why), and
