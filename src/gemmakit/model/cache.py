@@ -237,4 +237,7 @@ def zeros(shape: Sequence[int], dtype: torch.dtype, device: str | torch.device) 
     count = torch.Size(shape).numel()
     if torch.device(device).type != "cpu" or not count:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
+    memory = mmap.mmap(-1, count * dtype.itemsize)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB pages where the OS offers them: 512x fewer faults as rows fill
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)

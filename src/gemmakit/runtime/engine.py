@@ -47,6 +47,8 @@ from .text import TextStream
 _PROMPT_CONTEXT = 4  # prompt tokens decoded with the output so that its first piece keeps its leading space
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 _SCORED_CHUNK = 64  # prompt tokens a forward when their logits are kept (V floats each)
+_SHORT = 32  # prompt tokens left to prefill that a paced step takes whatever the pace
+_LEAST = 4  # prompt tokens a paced step prefills at least
 
 
 @dataclass(eq=False)
@@ -328,6 +330,10 @@ class Engine:
         for row in [r for r in self._filling if not r.filling]:  # the whole prompt came from the cache
             self._decode(row)
         budget = self._budget() if self._decoding else None
+        if budget is not None:  # short prompts (a turn after a cached prefix) are not held back
+            short = sum(len(r.request.prompt_ids) - 1 - r.length for r in self._filling
+                        if len(r.request.prompt_ids) - 1 - r.length <= _SHORT)
+            budget = max(budget, min(short, self.prefill_budget or short))
         while self._filling and budget != 0:
             ends = self._batch_ends(budget)
             if ends:
@@ -341,7 +347,7 @@ class Engine:
         decode, token = self._pace
         if self.prefill_share is None or decode is None or token is None:
             return self.prefill_budget
-        fits = max(BLOCK, int(self.prefill_share * decode / token))  # at least a block: long prompts move
+        fits = max(_LEAST, int(self.prefill_share * decode / token))  # a long prompt still moves
         return fits if self.prefill_budget is None else min(fits, self.prefill_budget)
 
     def _timed(self, start: float, tokens: int) -> None:
