@@ -150,17 +150,22 @@ class KVCache:
         for t in self._tensors():
             t[dst] = t[src:src + 1]
 
-    def read(self, row: int, positions: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Row `row`'s keys and values at `positions` (n,): per layer a (2, KV, n, D) copy, and
-        whether the sliding layers' ring still holds each position (bool (n,); all True without
-        sliding layers), for a store that keeps them past this row's life (runtime/prefixes.py)."""
+    def read(self, row: int, start: int, stop: int) -> tuple[list[torch.Tensor], bool]:
+        """Row `row`'s keys and values at positions [start, stop): per layer a (2, KV, n, D) copy,
+        and whether the sliding layers' ring still holds them all (True without sliding layers),
+        for a store that keeps them past this row's life (runtime/prefixes.py)."""
         kv = []
         for kind, k, v in zip(self.kinds, self.k, self.v):
-            slots = positions % self.length(kind)
-            kv.append(torch.stack((k[row][:, slots], v[row][:, slots])))
-        held = torch.ones_like(positions, dtype=torch.bool)
+            size = self.length(kind)
+            first, n = start % size, stop - start
+            head = min(n, size - first)
+            pieces = [(first, head)] + ([(0, n - head)] if head < n else [])  # a ring may wrap
+            both = [torch.stack((k[row, :, a:a + m], v[row, :, a:a + m])) for a, m in pieces]
+            kv.append(both[0] if len(both) == 1 else torch.cat(both, dim=2))
+        held = True
         if LayerKind.SLIDING in self.pos:
-            held = self.pos[LayerKind.SLIDING][row, positions % self.ring] == positions
+            slots = torch.arange(start, stop, device=self.rows.device)
+            held = bool((self.pos[LayerKind.SLIDING][row, slots % self.ring] == slots).all())
         return kv, held
 
     def kept(self, kind: LayerKind, length: int) -> int:

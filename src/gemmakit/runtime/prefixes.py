@@ -138,20 +138,18 @@ class PrefixCache:
             spans.append((n, length, _digest((keys[-1] if keys else _ROOT) + b"tail", tokens[n:length])))
         spans = spans[:self.capacity]  # a chain longer than the pool keeps its beginning
         self._touch([key for _, _, key in spans if key in self._slots])  # not evicted for the new ones
-        new = [(a, b, key) for a, b, key in spans if key not in self._slots or not self._sliding[key]]
-        if new:
-            positions = torch.cat([torch.arange(a, b) for a, b, _ in new])
-            kv, held = self.cache.read(row, positions)
-            at = 0
-            for a, b, key in new:
-                slot = self._slots.pop(key, None)
-                slot = self._take() if slot is None else slot
-                index = torch.arange(slot * self.block, slot * self.block + b - a)
-                for pool, both in zip(self.pool, kv):
-                    pool[:, :, index] = both[:, :, at:at + b - a]
-                self._slots[key] = slot
-                self._sliding[key] = bool(held[at:at + b - a].all())
-                at += b - a
+        ring = self.cache.ring if self.cache.window else None
+        for a, b, key in spans:
+            # New blocks; and stored ones that lack their sliding keys, where the ring still holds them.
+            if key in self._slots and (self._sliding[key] or (ring is not None and a < length - ring)):
+                continue
+            kv, held = self.cache.read(row, a, b)
+            slot = self._slots.pop(key, None)
+            slot = self._take() if slot is None else slot
+            for pool, both in zip(self.pool, kv):
+                pool[:, :, slot * self.block:slot * self.block + b - a] = both
+            self._slots[key] = slot
+            self._sliding[key] = held
         self._touch([key for _, _, key in spans])
 
     def _touch(self, keys: list[bytes]) -> None:
