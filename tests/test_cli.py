@@ -118,3 +118,16 @@ def test_exact_is_one_flag_and_refuses_a_contradiction():
     assert info["dtype"] == "float32" and info["quantize"] is None
     result = gemmakit_cli("info", "--model", "gemma-tiny", "--quantize", "int8", "--json")
     assert json.loads(result.stdout)["quantize"] == "int8"
+
+
+def test_info_on_a_config_with_a_value_of_the_wrong_type(tmp_path, capsys):
+    from gemmakit.cli.main import main
+
+    folder = tmp_path / "bad"
+    gemmakit.load("gemma-tiny").save(folder, progress=False)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rms_norm_eps": "1e-6"}))
+    assert main(["info", "--model", str(folder)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemmakit: error: ")
+    assert str(path) in lines[0] and "rms_norm_eps" in lines[0] and "'1e-6'" in lines[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 from dataclasses import dataclass
 
 from .errors import ConfigError, GemmaError
@@ -45,19 +47,32 @@ class GemmaConfig:
     qk_norm: bool = False  # Gemma 3: RMSNorm over head_dim on queries and keys
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "ffn_dim", "max_seq_len", "global_every"):
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
+            raise _invalid("family", self.family, f"is not one of {', '.join(FAMILIES)}")
+        for name, most in INT_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or not 0 < value <= most:
+                raise _invalid(name, value, f"must be a positive integer (at most {most:,})")
+        for name, (optional, most) in REAL_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not is_number(value) or not 0 < value <= most:
+                bound = f"{most:,.0f}" if most >= 1 else f"{most:g}"
+                rule = f"must be a number above 0 and at most {bound}" + (" (or null)" if optional else "")
+                raise _invalid(name, value, rule)
+        if self.sliding_window is not None and (not is_int(self.sliding_window)
+                                                or not 0 < self.sliding_window <= INT_LIMITS["max_seq_len"]):
+            raise _invalid("sliding_window", self.sliding_window,
+                           f"must be null or a positive integer (at most {INT_LIMITS['max_seq_len']:,})")
+        for name in ("post_norms", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, getattr(self, name), "must be true or false")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise _invalid("n_kv_heads", self.n_kv_heads, f"does not divide n_heads {self.n_heads}",
+                           f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+            raise _invalid("head_dim", self.head_dim, "must be even for RoPE")
 
     def layer_kind(self, layer: int) -> LayerKind:
         sliding = self.sliding_window is not None and (layer + 1) % self.global_every != 0
@@ -100,6 +115,45 @@ def check_fields(cls, values, error: type[GemmaError], what: str) -> None:
 
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
+
+# Upper bounds on the sizes, orders of magnitude above every published Gemma (vocabulary 262,144,
+# d_model 5,376, 62 layers, 32 heads, head_dim 256, ffn 36,864, context 131,072): a file that claims
+# more is corrupt, and is refused here before a model of that size is built, even on the meta device.
+INT_LIMITS = {"vocab_size": 2**20, "d_model": 2**16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+               "head_dim": 1024, "ffn_dim": 2**20, "max_seq_len": 2**21, "global_every": 1025}
+# Numbers that must be finite and above 0: field -> (None allowed, upper bound). Gemma's epsilon is
+# 1e-6 (other models use up to 1e-5): 1e-2 would already swamp the mean square of small activations.
+# Soft-caps are 30 and 50, the query scalar 144 or 256, RoPE bases 1e4 and 1e6, the RoPE factor 8.
+REAL_LIMITS = {"norm_eps": (False, 1e-2), "rope_theta": (False, 1e12), "rope_theta_global": (True, 1e12),
+                "rope_scale_global": (False, 1e3), "query_pre_attn_scalar": (True, 2.0**20),
+                "attn_logit_softcap": (True, 1e6), "final_logit_softcap": (True, 1e6)}
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not bool, str or a list); an int too large for a float is not."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def short_repr(value, most: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= most else shown[: most - 3] + "..."
+
+
+def _invalid(field: str, value, rule: str, message: str | None = None) -> ConfigError:
+    """A ConfigError naming the field and its value (shortened: a fuzzed file may hold a long list);
+    `field` is kept on the error so that a reader can add the name its file format uses."""
+    error = ConfigError(message or f"{field} {rule}, got {short_repr(value)}")
+    error.field = field
+    return error
 
 _GEMMA1_2B = GemmaConfig(family="gemma", vocab_size=256_000, d_model=2048, n_layers=18, n_heads=8,
                          n_kv_heads=1, head_dim=256, ffn_dim=16_384, max_seq_len=8192)

@@ -500,6 +500,56 @@ def test_bad_metadata_values(small_gguf):
         gguf_reader.read(_patched(small_gguf, value_at("gemma3.block_count") - 4, struct.pack("<I", 6)))
 
 
+@pytest.mark.parametrize("key,fmt,value,field", [
+    ("block_count", "<I", 2**31, "n_layers"),  # built billions of layers on meta: a hang
+    ("block_count", "<I", 2**32 - 1, "n_layers"),
+    ("feed_forward_length", "<I", 2**31, "ffn_dim"),
+    ("attention.key_length", "<I", 2**20, "head_dim"),
+    ("context_length", "<I", 2**31, "max_seq_len"),
+    ("attention.sliding_window", "<I", 2**31, "sliding_window"),
+    ("attention.layer_norm_rms_epsilon", "<f", float("nan"), "norm_eps"),
+    ("attention.layer_norm_rms_epsilon", "<f", -1e-6, "norm_eps"),
+    ("attention.layer_norm_rms_epsilon", "<f", 1e30, "norm_eps"),
+    ("rope.freq_base", "<f", float("inf"), "rope_theta_global"),
+    ("rope.freq_base", "<f", -1e4, "rope_theta_global"),
+])
+def test_metadata_values_out_of_range(small_gguf, key, fmt, value, field):
+    """Refused at read time in one line naming the file, the field and the metadata key."""
+    reader = gguf.GGUFReader(small_gguf)
+    name = "gemma3." + key
+    at = reader.fields[name].offset + 8 + len(name) + 4  # key length, key, value type
+    with pytest.raises(ConfigError, match=f"patched.gguf: {field} .*got .*metadata {name}") as info:
+        gguf_reader.read(_patched(small_gguf, at, struct.pack(fmt, value)))
+    assert "\n" not in str(info.value)
+
+
+def test_block_count_checked_against_the_tensors(small_gguf):
+    reader = gguf.GGUFReader(small_gguf)
+    name = "gemma3.block_count"
+    at = reader.fields[name].offset + 8 + len(name) + 4
+    with pytest.raises(CheckpointError, match="patched.gguf: gemma3.block_count is 600 but the file's tensors "
+                                              "hold 6 layers"):
+        gguf_reader.read(_patched(small_gguf, at, struct.pack("<I", 600)))
+
+
+def test_token_types_as_strings(tmp_path):
+    path = tmp_path / "strings.gguf"
+    w = gguf.GGUFWriter(path, "gemma")
+    for add, value in ((w.add_context_length, 128), (w.add_embedding_length, 64), (w.add_block_count, 1),
+                       (w.add_feed_forward_length, 128), (w.add_head_count, 4), (w.add_layer_norm_rms_eps, 1e-6)):
+        add(value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"])
+    w.add_array("tokenizer.ggml.token_type", ["3", "3", "3", "2"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(gemmakit.TokenizerError, match="strings.gguf: metadata tokenizer.ggml.token_type"):
+        gguf_reader.read(path)
+
+
 def test_unsupported_tensor_type(tmp_path, sentencepiece_model):
     path = tmp_path / "int8.gguf"
     # An int8 final norm: a type that nothing dequantizes.

@@ -406,6 +406,57 @@ def test_bad_configs(good_folder):
         gemmakit.load(good_folder, progress=False)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("query_pre_attn_scalar", "256"), ("query_pre_attn_scalar", -16), ("sliding_window", [1]),
+    ("model_type", ["gemma"]), ("rms_norm_eps", None), ("rms_norm_eps", 1e30), ("attn_logit_softcapping", [50.0]),
+    ("final_logit_softcapping", "30"), ("final_logit_softcapping", 2**64), ("vocab_size", 2**40),
+    ("head_dim", 2**20), ("intermediate_size", 2**40), ("hidden_size", True), ("max_position_embeddings", 1.5),
+    ("num_hidden_layers", 10**6), ("num_hidden_layers", 2**31), ("num_attention_heads", "4"),
+    ("rope_parameters", {"sliding_attention": [1], "full_attention": {}}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 10**400}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": -1.0}),
+])
+def test_config_values_of_the_wrong_type_or_range(good_folder, field, value):
+    """A one-line ConfigError naming config.json and the field, at read time: never a TypeError, a
+    hang, or a model whose first logits call fails."""
+    path = good_folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with expect(ConfigError, "config.json", "rope" if field == "rope_parameters" else field) as info:
+        hf.read(good_folder)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_layer_count_checked_against_the_tensors(good_folder):
+    path = good_folder / "config.json"
+    config = json.loads(path.read_text())
+    del config["layer_types"]  # the pattern (every 3rd layer global) then follows the count
+    path.write_text(json.dumps({**config, "num_hidden_layers": 900, "sliding_window_pattern": 3}))
+    with expect(CheckpointError, "good", "num_hidden_layers is 900", "hold 6 layers"):
+        hf.read(good_folder)
+
+
+def test_deeply_nested_json(good_folder, tmp_path):
+    """A RecursionError in Python's JSON parser becomes the file's CheckpointError."""
+    nested = "[" * 100_000 + "]" * 100_000
+    config = good_folder / "config.json"
+    good_config = config.read_text()
+    config.write_text(nested)
+    with expect(CheckpointError, "config.json", "nested too deeply"):
+        hf.read(good_folder)
+    config.write_text(good_config)
+    raw = (good_folder / hf.WEIGHTS).read_bytes()
+    header = f'{{"__metadata__": {nested}}}'.encode()
+    (good_folder / hf.WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + int.from_bytes(raw[:8], "little"):])
+    with expect(CheckpointError, "model.safetensors", "nested too deeply"):
+        hf.read(good_folder)
+    folder = tmp_path / "sharded"
+    hf.save(random_lm("gemma").module, folder, progress=False, max_shard_bytes=64 * 1024)
+    (folder / hf.INDEX).write_text('{"weight_map": ' + nested + "}")
+    with expect(CheckpointError, hf.INDEX, "nested too deeply"):
+        hf.read(folder)
+
+
 def test_tokenizer_larger_than_the_embedding(tmp_path, sentencepiece_model):
     tok = gemmakit.Tokenizer.from_file(sentencepiece_model)
     config = GEMMAKIT_CONFIGS["gemma"].replace(vocab_size=tok.vocab_size - 1)

@@ -7,6 +7,7 @@ holds two full copies of the weights.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,8 @@ from ..errors import CheckpointError
 from ..model import Gemma
 from ..model.quantized import Quantization, quantized_skeleton
 from ..tokenizer import Tokenizer
+
+_LAYER_NAME = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,27 @@ class Checkpoint:
     quantization: Quantization | None = None  # tensors already quantized (converted.py), in their final dtypes
 
 
+def layers_in(names) -> int:
+    """How many layers tensor names show (`layers.{i}.` in the model's own names): the highest i + 1."""
+    indices = [int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m]
+    return max(indices) + 1 if indices else 0
+
+
+def check_layer_count(source, config: GemmaConfig, tensors, field: str = "n_layers", required: bool = False) -> None:
+    """CheckpointError unless the config's layer count is the number of layers the tensors show: checked
+    before a model of the config's depth is built, so that a forged count fails at once. A file with no
+    layer tensors at all passes unless `required` (the GGUF and HF readers serve configs alone too)."""
+    found = layers_in(tensors)
+    if found != config.n_layers and (found or required):
+        raise CheckpointError(f"{source}: {field} is {config.n_layers} but the file's tensors hold {found} layers")
+
+
 def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
           progress: bool = True) -> Gemma:
     """The model with the checkpoint's weights, every parameter accounted for (no partial loads).
     A quantized checkpoint's tensors keep their own dtypes (`dtype` is the float ones')."""
     config = ckpt.config
+    check_layer_count(ckpt.source, config, ckpt.tensors, required=True)
     if ckpt.quantization is None:
         with torch.device("meta"):
             model = Gemma(config)

@@ -81,7 +81,7 @@ def read(source: str | os.PathLike, q: Quantization, variant: str | None = None,
     try:
         meta = json.loads((folder / META).read_text())
         config = GemmaConfig.from_dict(meta["config"])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{folder / META}: unreadable ({e}); delete {folder} to convert again") from None
     shapes, loaders = hf.weights(folder, {**hf.FLOAT_DTYPES, "I8": 1, "U8": 1})  # int8 and packed int4 weights
     # int8 tensors stay memory-mapped (never held twice: 270 MB less at peak for the default

@@ -28,7 +28,7 @@ import torch
 from ..config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, TensorRef
+from .checkpoint import Checkpoint, TensorRef, check_layer_count
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -53,6 +53,16 @@ TOP_NAMES = {"token_embd": "embed", "output_norm": "norm"}
 # The 27B models, the only ones whose query scale is not head_dim (llama.cpp tells them by depth).
 _LAYERS_OF_27B = {"gemma2": 46, "gemma3": 62}
 _SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}  # layer i is global when (i + 1) % pattern == 0
+# GemmaConfig's fields -> the metadata (after "{arch}.") each is read from, for error messages.
+_METADATA_OF = {
+    "vocab_size": "the rows of token_embd.weight", "d_model": "embedding_length", "n_layers": "block_count",
+    "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+    "ffn_dim": "feed_forward_length", "max_seq_len": "context_length",
+    "norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta_global": "rope.freq_base",
+    "rope_scale_global": "rope.scaling.factor", "query_pre_attn_scalar": "attention.key_length",
+    "attn_logit_softcap": "attn_logit_softcapping", "final_logit_softcap": "final_logit_softcapping",
+    "sliding_window": "attention.sliding_window",
+}
 _DEQUANTIZE_CHUNK = 1 << 20  # elements per gguf.quants call: bounds the temporaries to ~10 MB
 
 
@@ -83,7 +93,12 @@ def read(path: str | os.PathLike) -> Checkpoint:
         config = _config(meta, arch, vocab_size=tensors["embed.weight"].shape[0])
     except ConfigError as e:
         message = str(e)
-        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        if not message.startswith(str(path)):
+            key = _METADATA_OF.get(getattr(e, "field", None))
+            where = "" if key is None else f" (from {key})" if " " in key else f" (metadata {arch}.{key})"
+            message = f"{path}: {message}{where}"
+        raise ConfigError(message) from None
+    check_layer_count(path, config, tensors, f"{arch}.block_count")
     return Checkpoint(source=str(path), config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
 
 
@@ -324,6 +339,9 @@ def _tokenizer(meta: _Metadata, path: Path) -> Tokenizer | None:
     types = meta.array("tokenizer.ggml.token_type")
     scores = np.zeros(n, np.float32) if scores is None else scores
     types = np.ones(n, np.int64) if types is None else types
+    for key, values in (("scores", scores), ("token_type", types)):
+        if not isinstance(values, np.ndarray):  # an array of strings comes back as a list
+            raise TokenizerError(f"{path}: metadata tokenizer.ggml.{key} should hold numbers, not strings")
     if len(scores) != n or len(types) != n:
         raise TokenizerError(f"{path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
 

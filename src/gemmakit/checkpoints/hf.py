@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import GemmaConfig, LayerKind
+from ..config import INT_LIMITS, GemmaConfig, LayerKind, is_int, is_number, short_repr
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, TensorRef
+from .checkpoint import Checkpoint, TensorRef, check_layer_count
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -50,6 +50,15 @@ DEFAULTS = {
 }
 # Before `layer_types`, the pattern was one number: every n-th layer global (Gemma 2: 2, Gemma 3: 6).
 _SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+# GemmaConfig's fields -> the config.json field each is read from, for error messages.
+HF_FIELDS = {
+    "vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "ffn_dim": "intermediate_size", "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+    "query_pre_attn_scalar": "query_pre_attn_scalar", "attn_logit_softcap": "attn_logit_softcapping",
+    "final_logit_softcap": "final_logit_softcapping", "sliding_window": "sliding_window",
+    "rope_theta": "rope_theta", "rope_theta_global": "rope_theta", "rope_scale_global": "rope_scaling factor",
+}
 # RoPE theta when a config does not give one: (sliding layers, global layers).
 _THETA = {"gemma": (10_000.0, 10_000.0), "gemma2": (10_000.0, 10_000.0), "gemma3_text": (10_000.0, 1_000_000.0)}
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -100,7 +109,7 @@ def tensor_names(config: GemmaConfig) -> dict[str, str]:
 def config_from_hf(hf: dict, path: str | os.PathLike = CONFIG) -> GemmaConfig:
     """The GemmaConfig of a text config.json (model_type gemma, gemma2 or gemma3_text)."""
     model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         known = ", ".join([*MODEL_TYPES, MULTIMODAL])
         raise ConfigError(f"{path}: model_type {model_type!r} is not a Gemma gemmakit knows ({known})")
     family = MODEL_TYPES[model_type][0]
@@ -114,8 +123,9 @@ def config_from_hf(hf: dict, path: str | os.PathLike = CONFIG) -> GemmaConfig:
             raise ConfigError(f"{path}: {flag} true is not supported (Gemma has no biases and is causal)")
 
     n_layers = c["num_hidden_layers"]
-    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= 0:
-        raise ConfigError(f"{path}: num_hidden_layers must be a positive integer, got {n_layers!r}")
+    if not is_int(n_layers) or not 0 < n_layers <= INT_LIMITS["n_layers"]:  # before lists of that length
+        raise ConfigError(f"{path}: num_hidden_layers must be a positive integer (at most "
+                          f"{INT_LIMITS['n_layers']:,}), got {short_repr(n_layers)}")
     sliding_window, global_every = None, 1
     if family != "gemma" and c.get("sliding_window") is not None:
         types = c.get("layer_types")
@@ -148,7 +158,8 @@ def config_from_hf(hf: dict, path: str | os.PathLike = CONFIG) -> GemmaConfig:
             post_norms=family != "gemma", qk_norm=family == "gemma3",
         )
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        field = HF_FIELDS.get(getattr(e, "field", None))
+        raise ConfigError(f"{path}: {e}" + (f" (field {field})" if field else "")) from None
 
 
 def _global_every(types, n_layers: int, path) -> int:
@@ -170,6 +181,8 @@ def _rope(c: dict, model_type: str, path) -> dict[str, tuple[float, float]]:
     params = c.get("rope_parameters")
     if params is None:
         scaling = c.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{path}: rope_scaling must be an object, got {short_repr(scaling)}")
         global_params = {"rope_theta": c.get("rope_theta", global_default), **scaling}
         local_params = {"rope_theta": c.get("rope_local_base_freq", local_default)}
         if model_type != "gemma3_text":  # one RoPE for every layer
@@ -182,13 +195,16 @@ def _rope(c: dict, model_type: str, path) -> dict[str, tuple[float, float]]:
     out = {}
     for kind, default in ((SLIDING, local_default), (FULL, global_default)):
         p = params.get(kind) or {}
+        if not isinstance(p, dict):
+            raise ConfigError(f"{path}: rope_parameters[{kind!r}] must be an object, got {short_repr(p)}")
         rope_type = p.get("rope_type", p.get("type", "default"))
         if rope_type not in ("default", "linear"):
             raise ConfigError(f"{path}: rope_type {rope_type!r} is not supported (default or linear)")
-        try:
-            out[kind] = (float(p.get("rope_theta", default)), float(p.get("factor", 1.0)) if rope_type == "linear" else 1.0)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{path}: rope_theta and factor must be numbers, got {p}") from None
+        theta, factor = p.get("rope_theta", default), p.get("factor", 1.0) if rope_type == "linear" else 1.0
+        for name, value in (("rope_theta", theta), ("factor", factor)):
+            if not is_number(value):  # GemmaConfig checks the range; a string or a list stops here
+                raise ConfigError(f"{path}: RoPE {name} must be a finite number, got {short_repr(value)}")
+        out[kind] = (float(theta), float(factor))
     return out
 
 
@@ -267,6 +283,9 @@ def read(folder: str | os.PathLike) -> Checkpoint:
     config = config_from_hf(hf, config_path)
 
     shapes, loaders = weights(folder)
+    # Before the per-layer name table below is built for as many layers as the config claims.
+    check_layer_count(folder, config, (n[len(p):] for n in shapes for p in prefixes if n.startswith(p)),
+                      "num_hidden_layers")
     ours = {hf_name: name for name, hf_name in tensor_names(config).items()}
     tensors = {}
     for name, shape in shapes.items():
@@ -297,6 +316,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise CheckpointError(f"{path}: JSON nested too deeply to be a checkpoint file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -371,6 +392,8 @@ def _header(path: Path, dtypes: dict[str, int]) -> dict[str, tuple[int, ...]]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
     data_size = size - 8 - n

@@ -209,6 +209,8 @@ def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
             raise TypeError("weight_map must map tensor names to file names")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid index json ({type(e).__name__}: {e})") from None
+    except RecursionError:  # Python's JSON parser recurses once per level of nesting
+        raise CheckpointError(f"{path}: not a valid index json (nested too deeply)") from None
     files = [path.parent / f for f in sorted(set(weight_map.values()))]
     for f in files:
         if not f.is_file():
