@@ -141,9 +141,12 @@ def test_swap_span_and_chunk_guard():
     a, b = torch.randint(0, 300, (1, 12)), torch.randint(0, 300, (1, 5))
     model(a[:, :9], torch.arange(9)[None], cache.row_view(0))
     model(b, torch.arange(5)[None], cache.row_view(1))
-    assert cache.positions(LayerKind.GLOBAL).shape == (2, 9)  # attention reads the used slots only
+    # attention through a view reads the slots its rows have used only: a longer row elsewhere costs nothing
+    assert cache.rows_view(0, 2).reserve(9).positions(LayerKind.GLOBAL).shape == (2, 9)
+    assert cache.row_view(1).reserve(5).positions(LayerKind.GLOBAL).shape == (1, 5)
     cache.swap(0, 1)
-    assert cache.positions(LayerKind.GLOBAL)[1].tolist() == list(range(9)) and cache.positions(LayerKind.GLOBAL)[0, 5:].eq(-1).all()
+    table = cache.pos[LayerKind.GLOBAL]
+    assert table[1, :9].tolist() == list(range(9)) and table[1, 9:].eq(-1).all() and table[0, 5:].eq(-1).all()
     logits = model(a[:, 9:12], torch.arange(9, 12)[None], cache.row_view(1))
     close(logits, model(a)[:, 9:])
     with pytest.raises(ValueError, match="max_chunk"):

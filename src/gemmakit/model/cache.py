@@ -37,7 +37,7 @@ class KVCache:
         self.pos = {kind: torch.full((batch_size, self.length(kind)), -1, dtype=torch.long, device=device)
                     for kind in dict.fromkeys(self.kinds)}
         self.rows = torch.arange(batch_size, device=device)[:, None]
-        self._extent = [0]  # 1 + the highest position written; a list so that views share it
+        self._extent = [0]  # 1 + the highest position written (a view has its own)
         self._reserved = False
 
     @property
@@ -138,12 +138,6 @@ class KVCache:
                 t[dst] = t[src]
             self.reset(src)
 
-    def shrink(self, end: int) -> None:
-        """Attention reads only slots below `end` from now on: the caller vouches that no row
-        holds a position at or beyond it (the rows that did have been reset or moved), so that
-        one long request does not make every later step read its whole length."""
-        self._extent[0] = min(self._extent[0], end)
-
     def copy_row(self, src: int, dst: slice) -> None:
         """Rows `dst` take row `src`'s contents (keys, values and positions): K continuations of
         one context, each in its own row."""
@@ -200,8 +194,12 @@ class KVCache:
         return self.rows_view(row, row + 1)
 
     def rows_view(self, start: int, stop: int) -> KVCache:
-        """A cache of rows [start, stop) that shares their storage (for decoding the active rows)."""
-        view = copy.copy(self)  # shares the extent (a list), so a forward on the view extends this one
+        """A cache of rows [start, stop) that shares their storage (for decoding the active rows),
+        with an extent of its own: a forward through it writes positions past every one its rows
+        hold (the next token, the next chunk), so its attention reads only as far as that, and a
+        long row elsewhere (a prompt being prefilled, a finished one) costs it nothing."""
+        view = copy.copy(self)
+        view._extent = [0]
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
         view.pos = {kind: t[start:stop] for kind, t in self.pos.items()}

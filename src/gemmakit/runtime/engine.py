@@ -526,8 +526,6 @@ class Engine:
             self._move(self._decoding, row.index)
             if self._filling:  # the gap is now at the start of the rows being filled
                 self._move(self._decoding + len(self._filling), self._decoding)
-        active = [r.length for r in self._rows if r is not None]
-        self.cache.shrink(max(active, default=0))
 
     def _move(self, src: int, dst: int) -> None:
         """Row `src` moves to row `dst`, whose request has left; `src` is left empty."""

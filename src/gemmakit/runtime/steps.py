@@ -87,7 +87,7 @@ class DecodeStep:
         if self.background is not None:
             self._poll()
         view = self.cache.rows_view(0, tokens.shape[0]).reserve(end)
-        span = self.cache.span(LayerKind.GLOBAL)  # slots the step reads: the global layers' (the ring's follow)
+        span = view.span(LayerKind.GLOBAL)  # slots the step reads: the global layers' (the ring's follow)
         if self.aot is not None and self.aot.usable(span):
             return self.aot(tokens, positions, span)[:, -1]  # (n, V)
         return self._forward(tokens, positions, view, last_only=True)[:, -1]
