@@ -6,11 +6,12 @@
         for delta in engine.step():
             print(delta.text, end="")
 
-Every `step` does three things, in order: admit (waiting requests take free rows; the longest
+Every `step` does four things, in order: admit (waiting requests take free rows; the longest
 prefix of each prompt found in the prefix cache is copied in), fill (prompts are prefilled in
-chunks, first come first served: all but the last token; while other requests decode, at most
-`prefill_budget` prompt tokens a step, so that a long prompt never stalls the running streams
-for its whole length), decode (one batched forward feeds each decoding request its latest token
+chunks, first come first served, several in one padded forward when their chunks are alike: all
+but the last token; while other requests decode, at most `prefill_budget` prompt tokens and
+`prefill_share` of a decode step's time a step, so that a long prompt never stalls the running
+streams for its whole length), decode (one batched forward feeds each decoding request its latest token
 at its own position; DecodeStep, in the model's compile mode) and update (sample, stop, release
 text; a finished request leaves at once and its row is free for the next). `add` admits and
 prefills one request at once instead, for callers that want its prefill done when it returns.
