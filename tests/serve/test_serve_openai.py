@@ -222,6 +222,15 @@ def test_streamed_choices_join_to_the_unstreamed_ones(http):
                     texts[c["index"]] = texts.get(c["index"], "") + c["text"]
     assert [texts[i] for i in range(2)] == [c["text"] for c in whole["choices"]]
     assert usage == whole["usage"]
+    offsets = []  # with logprobs, text_offset runs on from chunk to chunk
+    with http.stream("POST", "/v1/completions", json={**body, "prompt": "hello", "stream": True, "logprobs": 1,
+                                                       "echo": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    offsets += (c["logprobs"] or {}).get("text_offset", [])
+    unstreamed = http.post("/v1/completions", json={**body, "prompt": "hello", "logprobs": 1, "echo": True}).json()
+    assert offsets == unstreamed["choices"][0]["logprobs"]["text_offset"]
 
 
 def test_fill_in_the_middle_with_codegemmas_tokens(tmp_path, start_server):

@@ -178,14 +178,20 @@ class _Server:
             return echoes[job.index // body.n], [(t, *(s or (None, None))) for t, s in zip(prompt, scores)]
 
         if body.stream:
+            offsets = {job.index: 0 for job in jobs}  # text_offset counts from the choice's start
+
+            def sent(job: Job, text: str, tokens: list, finish: str | None) -> list[dict]:
+                out = choice(job, text, tokens, finish, offsets[job.index])
+                offsets[job.index] += sum(len(self._piece(t)[0]) for t, *_ in tokens)
+                return [chunk([out])]
+
             def first(job: Job) -> list[dict]:  # sent once the job's prefill is done (its scores are there)
-                text, tokens = echoed(job)
-                return [chunk([choice(job, text, tokens, None)])] if body.echo else []
+                return sent(job, *echoed(job), None) if body.echo else []
 
             def piece(job: Job, text: str, tokens: list, finish: str | None) -> list[dict]:
                 if score_only:
                     text, tokens = "", []
-                return [chunk([choice(job, text, tokens, finish)])] if text or tokens or finish else []
+                return sent(job, text, tokens, finish) if text or tokens or finish else []
 
             return self._stream(jobs, request, rid, "text_completion", first, piece,
                                 sum(map(len, prompts)) if body.include_usage else None)
