@@ -243,7 +243,10 @@ class _Server:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         ids = self._chat_ids(tools.messages(body.messages, callable_tools if tool_mode != "none" else []))
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        grammar = Grammar.json_schema(self.tok, tools.call_schema(callable_tools)) if tool_mode == "required" else None
+        try:
+            grammar = Grammar.json_schema(self.tok, tools.call_schema(callable_tools)) if tool_mode == "required" else None
+        except GemmaError as e:  # a tool's parameters that are no JSON schema the grammar engine takes
+            raise APIError(400, f"tools: {e}", param="tools") from None
         jobs = self._jobs(body, [ids], getattr(body, field), default_max_tokens=None, field=field, grammar=grammar,
                           options={"logprobs": (body.top_logprobs or 0) if body.logprobs else None})
         rid = new_id("chatcmpl")
@@ -540,12 +543,16 @@ def _handlers() -> dict:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
 
+    async def refused(request: Request, exc: GemmaError):
+        # gemmakit's own errors describe the request (a schema, a prompt), never a server fault
+        return JSONResponse(error_body(str(exc)), status_code=400)
+
     async def internal(request: Request, exc: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
     return {APIError: api_error, RequestValidationError: invalid, StarletteHTTPException: http_error,
-            Exception: internal}
+            GemmaError: refused, Exception: internal}
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}

@@ -125,6 +125,9 @@ class Scheduler:
 
     def submit_all(self, jobs: list[Job]) -> None:
         """Queues the jobs of one request together, or refuses them all (503) when the queue is full."""
+        if len(jobs) > self.max_queue:  # would never fit: not a matter of waiting
+            raise APIError(400, f"this request asks for {len(jobs)} completions (prompts x n); the server "
+                                f"queues at most {self.max_queue}", param="n")
         with self._cv:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
