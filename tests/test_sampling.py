@@ -8,7 +8,6 @@ from gemmakit.runtime.sampling import (
     Sampling,
     make_generator,
     next_tokens,
-    prompt_logprobs,
     token_logprobs,
 )
 
@@ -216,8 +215,6 @@ def test_token_logprobs_are_log_softmax_and_its_top_n(dtype):
         assert [lp for _, lp in best] == pytest.approx(top.values[i].tolist(), abs=1e-6)
     assert [best for _, best in token_logprobs(logits, tokens.tolist(), 0)] == [[]] * 4
     assert len(token_logprobs(logits, tokens, 10 * V)[0][1]) == V  # more than the vocabulary: all of it
-    prompt = prompt_logprobs(logits, tokens.tolist(), 2)  # position t scores token t given the ones before
-    assert prompt[0] is None and prompt[1:] == token_logprobs(logits[:-1], tokens[1:], 2)
 
 
 def test_same_seed_same_draws_whatever_the_batch():

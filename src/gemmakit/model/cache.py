@@ -150,11 +150,7 @@ class KVCache:
         for a store that keeps them past this row's life (runtime/prefixes.py)."""
         kv = []
         for kind, k, v in zip(self.kinds, self.k, self.v):
-            size = self.length(kind)
-            first, n = start % size, stop - start
-            head = min(n, size - first)
-            pieces = [(first, head)] + ([(0, n - head)] if head < n else [])  # a ring may wrap
-            both = [torch.stack((k[row, :, a:a + m], v[row, :, a:a + m])) for a, m in pieces]
+            both = [torch.stack((k[row, :, a:a + m], v[row, :, a:a + m])) for a, _, m in self._slots(kind, start, stop)]
             kv.append(both[0] if len(both) == 1 else torch.cat(both, dim=2))
         held = True
         if LayerKind.SLIDING in self.pos:
@@ -171,21 +167,20 @@ class KVCache:
         """Row `row` (empty) takes the keys and values of positions [0, length): per layer a
         (2, KV, n, D) tensor of the last n = kept(kind, length) of them."""
         for kind, k, v, both in zip(self.kinds, self.k, self.v, kv):
-            for (slot, at, n) in self._slots(kind, length):
+            for slot, at, n in self._slots(kind, length - self.kept(kind, length), length):
                 k[row, :, slot:slot + n] = both[0, :, at:at + n]
                 v[row, :, slot:slot + n] = both[1, :, at:at + n]
         for kind, table in self.pos.items():
-            for (slot, at, n) in self._slots(kind, length):
-                start = length - self.kept(kind, length) + at
-                table[row, slot:slot + n] = torch.arange(start, start + n, device=table.device)
+            start = length - self.kept(kind, length)
+            for slot, at, n in self._slots(kind, start, length):
+                table[row, slot:slot + n] = torch.arange(start + at, start + at + n, device=table.device)
         self._extend(length)
 
-    def _slots(self, kind: LayerKind, length: int) -> list[tuple[int, int, int]]:
-        """Where the last kept(kind, length) positions before `length` live in a row of this kind:
+    def _slots(self, kind: LayerKind, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """Where positions [start, stop) (at most a row's slots of this kind) live in a row:
         (first slot, offset among those positions, count) runs, two where a ring wraps."""
-        size = self.length(kind)
-        n = self.kept(kind, length)
-        first = (length - n) % size
+        size, n = self.length(kind), stop - start
+        first = start % size
         head = min(n, size - first)
         return [(first, 0, head)] + ([(0, head, n - head)] if head < n else [])
 

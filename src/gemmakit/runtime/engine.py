@@ -279,8 +279,7 @@ class Engine:
         requests = [r.request for r in rows]
         histories = [(q.prompt_ids, q.output_ids) if q.sampling.adjusts_logits else None for q in requests]
         allowed = [q.constraint.mask(logits.shape[-1]) if q.constraint else None for q in requests]
-        chosen = next_tokens(logits, [q.sampling for q in requests], [r.generator for r in rows], histories,
-                             allowed if any(m is not None for m in allowed) else None)
+        chosen = next_tokens(logits, [q.sampling for q in requests], [r.generator for r in rows], histories, allowed)
         scored = [i for i, q in enumerate(requests) if q.logprobs is not None]
         if scored:
             top = max(requests[i].logprobs for i in scored)
@@ -338,8 +337,8 @@ class Engine:
         while self._filling and budget != 0:
             ends = self._batch_ends(budget)
             if ends:
-                self._fill_batch(ends)
                 budget = None if budget is None else budget - sum(end - row.length for row, end in ends)
+                self._fill_chunk(ends)
             else:
                 budget = self._fill_row(self._filling[0], budget)
 
@@ -370,10 +369,10 @@ class Engine:
         return end
 
     def _batch_ends(self, budget: int | None) -> list[tuple[_Row, int]]:
-        """The chunk end of every row being filled, when one padded forward over all of them is
-        worth it (each gets tokens, none needs logits, padding at most doubles the work); else []."""
-        rows = sorted(self._filling, key=lambda r: r.index)  # rows [_decoding, ...), a contiguous view
-        if len(rows) < 2 or any(r.request.prompt_logprobs is not None for r in rows):
+        """The chunk end of every row being filled, in row order, when one padded forward over all
+        of them is worth it (each gets tokens, none needs logits, padding at most doubles the
+        work); else []."""
+        if len(self._filling) < 2 or any(r.request.prompt_logprobs is not None for r in self._filling):
             return []
         ends, left = [], budget
         for row in self._filling:  # the budget goes first come first served
@@ -384,32 +383,38 @@ class Engine:
             left = None if left is None else left - (end - row.length)
         width = max(end - row.length for row, end in ends)
         real = sum(end - row.length for row, end in ends)
-        if len(ends) * width > 2 * real + 32 * len(ends) or any(r.length + width > self.max_len for r in rows):
+        if len(ends) * width > 2 * real + 32 * len(ends) or any(r.length + width > self.max_len for r, _ in ends):
             return []
-        return sorted(ends, key=lambda e: e[0].index)
+        return sorted(ends, key=lambda e: e[0].index)  # rows [_decoding, ...): one contiguous view
 
-    def _fill_batch(self, ends: list[tuple[_Row, int]]) -> None:
-        """One forward of a chunk of every row in `ends` (rows [_decoding, ...) in index order),
-        the shorter chunks padded: a padding token writes keys at a position its row has not
-        reached, which the row overwrites before any of its queries can see it."""
+    def _fill_chunk(self, ends: list[tuple[_Row, int]]) -> None:
+        """One forward of a chunk of every row in `ends` (consecutive rows, in order), the shorter
+        chunks padded: a padding token writes keys at a position its row has not reached, which
+        the row overwrites before any of its queries can see it. A lone row that asked for its
+        prompt's logprobs gets them."""
         width = max(end - row.length for row, end in ends)
         tokens = [row.request.prompt_ids[row.length:end] for row, end in ends]
         tokens = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.device)  # (p, width)
         positions = torch.stack([torch.arange(row.length, row.length + width) for row, _ in ends]).to(self.device)
-        first = ends[0][0].index
+        first, request = ends[0][0].index, ends[0][0].request
+        scored = len(ends) == 1 and request.prompt_logprobs is not None
         start = time.perf_counter()
         try:
-            self.module(tokens, positions, self.cache.rows_view(first, first + len(ends)), logits=False)
-            self._timed(start, sum(end - row.length for row, end in ends))
+            logits = self.module(tokens, positions, self.cache.rows_view(first, first + len(ends)), logits=scored)
         except BaseException:
             for row, _ in ends:
                 row.request.finish_reason = "error"
                 self._release(row)
             raise
+        self._timed(start, sum(end - row.length for row, end in ends))
+        if scored:  # position p's logits predict prompt token p + 1
+            row, end = ends[0]
+            request.input_logprobs += token_logprobs(logits[0, :, :self._vocab],
+                                                     request.prompt_ids[row.length + 1:end + 1], request.prompt_logprobs)
         for row, end in ends:
             row.length = end
-            if self.prefixes:
-                self.prefixes.store(row.index, row.request.prompt_ids, row.length, keys=row.keys)
+            if self.prefixes and row.filling:
+                self.prefixes.store(row.index, row.request.prompt_ids, row.length, keys=row.keys)  # the blocks so far
         for row, _ in ends:
             if not row.filling:
                 self._decode(row)
@@ -472,30 +477,11 @@ class Engine:
     def _fill_row(self, row: _Row, budget: int | None) -> int | None:
         """Prefills `row` by up to `budget` tokens (None: all); the budget left. A row whose
         prompt is all in the cache starts decoding."""
-        request = row.request
-        prompt, scored = request.prompt_ids, request.prompt_logprobs is not None
-        view = self.cache.row_view(row.index)
-        try:
-            while row.filling and budget != 0:
-                end = self._chunk_end(row, budget)
-                n = end - row.length
-                piece = torch.tensor([prompt[row.length:end]], device=self.device)  # (1, n)
-                positions = torch.arange(row.length, end, device=self.device)[None]
-                start = time.perf_counter()
-                logits = self.module(piece, positions, view, logits=scored)  # fills the cache
-                self._timed(start, n)
-                if scored:  # position p's logits predict prompt token p + 1
-                    request.input_logprobs += token_logprobs(logits[0, :, :self._vocab], prompt[row.length + 1:end + 1],
-                                                             request.prompt_logprobs)
-                row.length = end
-                budget = None if budget is None else budget - n
-                if self.prefixes and row.filling:
-                    self.prefixes.store(row.index, prompt, row.length, keys=row.keys)  # the blocks completed so far
-        except BaseException:
-            row.request.finish_reason = "error"
-            self._release(row)
-            raise
-        if not row.filling:
+        while row.filling and budget != 0:
+            end = self._chunk_end(row, budget)
+            budget = None if budget is None else budget - (end - row.length)
+            self._fill_chunk([(row, end)])
+        if not row.filling and row in self._filling:  # its prompt came from the cache whole
             self._decode(row)
         return budget
 

@@ -62,7 +62,6 @@ class PrefixCache:
         self._slots: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # key -> slot, LRU first
         self._sliding: dict[bytes, bool] = {}  # key -> whether its sliding layers' keys are stored
         self._free = list(range(capacity - 1, -1, -1))
-        self.hits = self.lookups = 0  # tokens found / asked for (the prefix-cache hit rate)
 
     @property
     def stored(self) -> int:
@@ -96,8 +95,6 @@ class PrefixCache:
                 keys, n = [], 0
         self._touch(keys)
         slots = [self._slots[key] for key in keys]
-        self.lookups += limit
-        self.hits += n
         return n, slots
 
     def load(self, row: int, slots: list[int], length: int) -> None:
@@ -162,6 +159,3 @@ class PrefixCache:
         key, slot = self._slots.popitem(last=False)  # the least recently used
         del self._sliding[key]
         return slot
-
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.pool)

@@ -218,10 +218,3 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor | Sequence[int],
         return [(c, []) for c in chosen]
     values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)  # (B, top_n)
     return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
-
-
-def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int],
-                    top_n: int = 0) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    """A prompt's logits (T, V) and ids (T,) -> per position the logprob of that prompt token given
-    the ones before it (echo); None for the first, which nothing predicts (as vLLM)."""
-    return [None, *token_logprobs(logits[:-1], list(ids)[1:], top_n)]

@@ -235,22 +235,21 @@ class _Server:
     # -- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, body: ChatRequest, request: Request):
         self.check_model(body.model)
-        callable_tools, tool_mode = tools.chosen(body.tools, body.tool_choice)
-        if tool_mode != "none" and body.response_format is not None and body.response_format.type != "text":
+        calls, tool_mode = tools.chosen(body.tools, body.tool_choice)
+        if calls and body.response_format is not None and body.response_format.type != "text":
             raise APIError(400, "response_format cannot be combined with tools (a call is JSON already)",
                            param="response_format")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = self._chat_ids(tools.messages(body.messages, callable_tools if tool_mode != "none" else []))
+        ids = self._chat_ids(tools.messages(body.messages, calls))
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         try:
-            grammar = Grammar.json_schema(self.tok, tools.call_schema(callable_tools)) if tool_mode == "required" else None
+            grammar = Grammar.json_schema(self.tok, tools.call_schema(calls)) if tool_mode == "required" else None
         except GemmaError as e:  # a tool's parameters that are no JSON schema the grammar engine takes
             raise APIError(400, f"tools: {e}", param="tools") from None
         jobs = self._jobs(body, [ids], getattr(body, field), default_max_tokens=None, field=field, grammar=grammar,
                           options={"logprobs": (body.top_logprobs or 0) if body.logprobs else None})
         rid = new_id("chatcmpl")
-        calls = callable_tools if tool_mode != "none" else []
 
         def chunk(choices: list[dict]) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": self.name,

@@ -25,8 +25,8 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
 def chosen(tools: list[Tool] | None, tool_choice) -> tuple[list[Tool], str]:
-    """The tools the model may call and how: "none", "auto" or "required" (a named choice is
-    "required" with that tool alone)."""
+    """The tools the model may call (none for "none") and how: "none", "auto" or "required" (a
+    named choice is "required" with that tool alone)."""
     if not tools:
         if tool_choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
@@ -42,6 +42,8 @@ def chosen(tools: list[Tool] | None, tool_choice) -> tuple[list[Tool], str]:
         if name not in names:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
         return [t for t in tools if t.function.name == name], "required"
+    if tool_choice == "none":
+        return [], "none"
     return list(tools), tool_choice or "auto"
 
 
