@@ -61,6 +61,10 @@ def gemma_tokenizer_json(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sentencepiece_model(tmp_path_factory) -> Path:
+    return train_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))
+
+
+def train_sentencepiece(folder: Path) -> Path:
     """A tiny tokenizer.model trained here with Gemma's settings: <pad> 0, <eos> 1, <bos> 2, <unk> 3,
     <start_of_turn>/<end_of_turn> as user-defined pieces, byte fallback, digits split, whitespace kept."""
     import io
@@ -82,7 +86,7 @@ def sentencepiece_model(tmp_path_factory) -> Path:
         split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=1.0,
         num_threads=1, minloglevel=2)
-    path = tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model"
+    path = folder / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path
 

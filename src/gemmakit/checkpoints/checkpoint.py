@@ -54,6 +54,13 @@ def check_layer_count(source, config: GemmaConfig, tensors, field: str = "n_laye
         raise CheckpointError(f"{source}: {field} is {config.n_layers} but the file's tensors hold {found} layers")
 
 
+def _finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value is finite, a few MB at a time (a whole-tensor isfinite would cost an
+    extra byte per weight at once)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i: i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
           progress: bool = True) -> Gemma:
     """The model with the checkpoint's weights, every parameter accounted for (no partial loads).
@@ -87,6 +94,8 @@ def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | to
         t = ckpt.tensors[name].load()
         if name == "embed.weight":
             t = t[: config.vocab_size]
+        if t.is_floating_point() and not _finite(t):
+            raise CheckpointError(f"{ckpt.source}: tensor {name} holds NaN or infinite values")
         state[name] = t.to(device=device, dtype=dtype)
         del t
     model.load_state_dict(state, strict=True, assign=True)

@@ -76,6 +76,7 @@ def read(path: str | os.PathLike) -> Checkpoint:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{path}: architecture {arch!r} is not a Gemma text model ({', '.join(ARCHITECTURES)})")
 
+    _check_layout(reader, path)
     tensors: dict[str, TensorRef] = {}
     release = _page_releaser(reader)
     for t in reader.tensors:
@@ -196,6 +197,24 @@ def _open(path: Path):
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, struct.error,
             MemoryError) as e:
         raise CheckpointError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _check_layout(reader, path: Path) -> None:
+    """Each tensor's offset as the format and llama.cpp require: a multiple of the alignment, no two
+    tensors sharing bytes (bytes past the end are refused as the file is read). The stock reader adds
+    offsets with wrap-around, so a forged offset could land on another tensor and load as wrong
+    weights without a word."""
+    spans = []
+    for t in reader.tensors:
+        offset = int(t.field.parts[-1][0])  # as stored, relative to the data section
+        if offset % reader.alignment:
+            raise CheckpointError(f"{path}: tensor {t.name} starts at offset {offset:,}, not a multiple of the "
+                                  f"alignment {reader.alignment}")
+        spans.append((offset, offset + t.n_bytes, t.name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap in the file")
 
 
 def _check_supported(t, path: Path) -> None:
@@ -320,7 +339,11 @@ def _config(meta: _Metadata, arch: str, vocab_size: int) -> GemmaConfig:
     if arch in _LAYERS_OF_27B:
         big = n_layers == _LAYERS_OF_27B[arch] and n_heads > 0 and d_model % n_heads == 0
         fields["query_pre_attn_scalar"] = d_model // n_heads if big else head_dim
-    return GemmaConfig(**fields)  # validates, and raises ConfigError on nonsense values
+    config = GemmaConfig(**fields)  # validates, and raises ConfigError on nonsense values
+    if meta.get(p + "attention.value_length", int, head_dim) != head_dim:  # llama.cpp sizes V by it
+        raise ConfigError(f"{meta.path}: metadata {p}attention.value_length "
+                          f"{meta.get(p + 'attention.value_length', int)} differs from key_length {head_dim}")
+    return config
 
 
 # -- tokenizer -----------------------------------------------------------------------------------

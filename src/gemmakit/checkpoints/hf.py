@@ -121,6 +121,8 @@ def config_from_hf(hf: dict, path: str | os.PathLike = CONFIG) -> GemmaConfig:
     for flag in ("attention_bias", "use_bidirectional_attention"):
         if c.get(flag):
             raise ConfigError(f"{path}: {flag} true is not supported (Gemma has no biases and is causal)")
+    if c.get("tie_word_embeddings", True) is not True:  # Gemma's output layer is its embedding
+        raise ConfigError(f"{path}: tie_word_embeddings {short_repr(c['tie_word_embeddings'])} is not Gemma's (true)")
 
     n_layers = c["num_hidden_layers"]
     if not is_int(n_layers) or not 0 < n_layers <= INT_LIMITS["n_layers"]:  # before lists of that length

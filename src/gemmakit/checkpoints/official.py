@@ -71,6 +71,7 @@ def read(path: str | os.PathLike, variant: str | GemmaConfig | None = None) -> C
         if absent:
             raise CheckpointError(f"{path}: the index puts {absent[0]} in {index[absent[0]]}, which does not hold it")
     raw = {k: v for k, v in raw.items() if not k.startswith(VISION_PREFIXES) and k not in ROPE_BUFFERS}
+    _check_tensors(raw, path)
 
     config = _config(variant, {k: tuple(v.shape) for k, v in raw.items()}, str(path))
     tensors = _rename(raw, config, str(path))
@@ -79,6 +80,31 @@ def read(path: str | os.PathLike, variant: str | GemmaConfig | None = None) -> C
     if (folder / "tokenizer.model").is_file():
         tokenizer = Tokenizer.from_file(folder / "tokenizer.model", family=config.family)
     return Checkpoint(source=str(path), config=config, tensors=tensors, tokenizer=tokenizer)
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensors(raw: dict[str, torch.Tensor], path: Path) -> None:
+    """Plain dense float tensors, or int8 weights with one float scale per row (gemma_pytorch's quantized
+    checkpoints): anything else (sparse, meta, quantized, integer or complex tensors) would be cast or
+    fail deep inside torch, so it is named here."""
+    for name, t in raw.items():
+        kind = ("not a dense tensor" if t.layout != torch.strided or t.is_nested else
+                "a tensor without data (meta)" if t.is_meta else "a quantized tensor" if t.is_quantized else None)
+        if kind is None and t.dtype not in FLOATS + (torch.int8,):
+            kind = f"of dtype {str(t.dtype).removeprefix('torch.')} (gemmakit reads float weights and int8 with scalers)"
+        if kind is not None:
+            raise CheckpointError(f"{path}: tensor {name} is {kind}")
+        if name.endswith(".weight_scaler"):
+            weight = raw.get(name.removesuffix("_scaler"))
+            if weight is None or weight.dtype != torch.int8:
+                raise CheckpointError(f"{path}: {name} has no int8 weight {name.removesuffix('_scaler')} to scale")
+            if t.dtype == torch.int8 or tuple(t.shape) != tuple(weight.shape[:1]):
+                raise CheckpointError(f"{path}: {name} should hold {weight.shape[0]} float scales (one per row), "
+                                      f"found {t.dtype} of shape {list(t.shape)}")
+        elif t.dtype == torch.int8 and name.removesuffix(".weight") + ".weight_scaler" not in raw:
+            raise CheckpointError(f"{path}: int8 tensor {name} has no weight_scaler")
 
 
 def infer_config(shapes: Mapping[str, Sequence[int]], source: str = "checkpoint") -> GemmaConfig:
