@@ -6,14 +6,13 @@ import os
 import signal
 import time
 
+import fuzzing
 import gguf
 import pytest
 import torch
 
 import gemmakit
 from gemmakit.errors import CheckpointError, ConfigError
-
-import fuzzing
 
 CASES = 240  # ~20-40 s on 2 cores; scripts/fuzz_readers.py runs 10,000
 
