@@ -46,6 +46,8 @@ def test_bad_arguments_exit_nonzero_without_traceback():
     assert_one_line_error(result, "temperature")
     result = gemmakit_cli("info", "--model", "gemma-tiny", "--dtype", "float8")
     assert_one_line_error(result, "float8")
+    result = gemmakit_cli("info", "--model", "gemma-tiny", "--dtype", "float16")
+    assert_one_line_error(result, "float16 overflows Gemma's activations", "bfloat16")
     result = gemmakit_cli("info", "--model", "gemma-tiny", "--compile")  # info never decodes
     assert result.returncode == 2 and "unrecognized arguments: --compile" in result.stderr
 

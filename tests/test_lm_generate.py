@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import gemmakit
 from gemmakit.config import GemmaConfig
-from gemmakit.errors import GenerationError, TokenizerError
+from gemmakit.errors import ConfigError, GenerationError, TokenizerError
 from gemmakit.lm import LM
 from gemmakit.model import Gemma
 from gemmakit.runtime.engine import Engine
@@ -178,3 +179,9 @@ def test_greedy_reproduces_llamacpp(real_lm, llamacpp_reference, one_torch_threa
                 assert int(logits[step].argmax()) == want[step], (r["prompt"], step)
             for t in top["top"]:
                 assert abs(logits[step, t["id"]].item() - t["logit"]) < 1.5, (r["prompt"], step, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "fp16", torch.float64, torch.int8, "float8"])
+def test_dtypes_outside_float32_and_bfloat16_are_refused(dtype):
+    with pytest.raises(ConfigError, match="float16 overflows|unknown dtype"):
+        gemmakit.load("gemma-tiny", dtype=dtype, progress=False)

@@ -92,14 +92,18 @@ def _device(device: str | torch.device) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if name in ("float16", "fp16", "half"):
+        # Gemma's activations outgrow float16's range (transformers issue #36822; vLLM refuses float16
+        # for Gemma 2 and 3): the logits would turn to inf and NaN partway through a text.
+        raise ConfigError("dtype float16 overflows Gemma's activations; use bfloat16 (same memory, float32's range)")
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 class LM:
