@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import DataError
 from ..paths import atomic_path
 
 
@@ -25,7 +26,15 @@ def read(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # only the last line can be torn, by a process killed mid-write
+                raise DataError(f"{path}: line {i + 1} is not JSON") from None
+    return records
 
 
 def plot(metrics: Path, out: Path) -> Path:

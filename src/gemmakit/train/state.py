@@ -1,13 +1,16 @@
 """Training checkpoints for exact resumes: the trainable weights, optimizer, schedule, step and RNG
 state, with the model config and the run's data settings to refuse a checkpoint of another run.
 
-One `torch.save` file per checkpoint (`step-000100.pt`), written to a temp name then renamed, read
-back with `weights_only=True`; the last `keep` are kept. Works for plain, DDP and FSDP2 models
+One `torch.save` file per checkpoint (`step-000100.pt`), written to a temp name, flushed to disk and
+renamed, read back with `weights_only=True`; the last `keep` are kept. A process killed while writing
+leaves only a temp file (removed by the next save), never a step file that is half there; a write
+that fails (a full disk) is an error naming the file, with the previous checkpoints untouched. Works for plain, DDP and FSDP2 models
 (the state dict helpers gather full tensors on rank 0's side).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -38,9 +41,19 @@ def save(folder: Path, model, optimizer, scheduler, step: int, meta: dict, keep:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                    "step": step, "rng": torch.get_rng_state(), "meta": meta}, tmp)
+    for stale in folder.glob(".partial-*-step-*.pt"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                            "step": step, "rng": torch.get_rng_state(), "meta": meta}, f)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not land before the bytes do
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        kept = checkpoints(folder)
+        raise CheckpointError(f"{path}: could not write the checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              + (f"{kept[-1].name} is the last complete one" if kept else "no earlier checkpoint")) from None
     for old in checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink()
     return path
