@@ -99,4 +99,12 @@ def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | to
         state[name] = t.to(device=device, dtype=dtype)
         del t
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    model.eval()
+    # Finite weights can still be too large for float32 (a tensor's bytes read as another type, say):
+    # three tokens through the model name such a file at load, not at a user's first prompt.
+    with torch.no_grad():
+        probe = torch.tensor([[2, 17, 5]], device=device) % config.vocab_size
+        if not bool(torch.isfinite(model(probe)).all()):
+            raise CheckpointError(f"{ckpt.source}: its weights give infinite or NaN logits (values too large "
+                                  "for float arithmetic)")
+    return model
