@@ -215,7 +215,7 @@ def test_dpo_command_lora_trains_and_caches_the_reference(setup, tmp_path, capsy
 def test_reward_command_saves_a_model_that_scores(setup, tmp_path):
     out = tmp_path / "rm"
     assert main(["reward", "--model", str(setup.root / "policy"), "--data", str(setup.root / "pairs.jsonl"),
-                 "--out", str(out), "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--no-progress"]) == 0
+                 "--out", str(out), "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3", "--no-progress"]) == 0
     rm = RewardModel.load(out)
     prompt = [{"role": "user", "content": "what is 2 and 3"}]
     scores = rm.score([prompt, prompt, "2 and 3 is"], ["2 and 3 is 5", "the cat sat", " 5"])
@@ -245,5 +245,5 @@ def test_bad_pairs_fail_in_one_line_naming_the_line(setup, tmp_path, capsys, com
     rc = main([command, "--model", str(setup.root / "policy"), "--data", str(data), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err and err.startswith("gemmakit: error:")
-    assert f"bad.jsonl:3: " in err and message in err
-    assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
+    assert "bad.jsonl:3: " in err and message in err
+    assert not out.exists()

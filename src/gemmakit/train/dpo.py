@@ -29,7 +29,8 @@ from ..lm import LM
 from ..model.loss import IGNORE
 from ..paths import atomic_path, fingerprint
 from . import lora, pairs
-from .pair_loop import PairConfig, autocast, fit, prepare_out, read_pairs
+from .loop import _base_model, save_model
+from .pair_loop import PairConfig, autocast, check_out, fit, read_pairs
 
 LOSSES = ("dpo", "ipo", "simpo")
 
@@ -123,13 +124,28 @@ def reference_logps(cfg: DPOConfig, model, sets: list[list[pairs.Pair]], pad_id:
     return {p.where: (saved["chosen"][i], saved["rejected"][i]) for i, p in enumerate(everything)}
 
 
+def objective(cfg: DPOConfig, model, reference: dict | None, pad_id: int):
+    """The step's loss for pair_loop.fit: (pairs, held) -> (loss, chosen rewards, rejected rewards)."""
+
+    def compute(batch: list[pairs.Pair], held: bool):
+        logps, counts = sequence_logps(model, pairs.collate(batch, pad_id))
+        chosen, rejected = logps.chunk(2)
+        n_chosen, n_rejected = counts.chunk(2)
+        ref_chosen = ref_rejected = None
+        if reference is not None:
+            ref_chosen = torch.stack([reference[p.where][0] for p in batch]).to(logps.device)
+            ref_rejected = torch.stack([reference[p.where][1] for p in batch]).to(logps.device)
+        return preference_loss(cfg.loss, cfg.beta, cfg.simpo_gamma, chosen, rejected, ref_chosen, ref_rejected,
+                               n_chosen, n_rejected)
+
+    return compute
+
+
 # -- the run ------------------------------------------------------------------------------------------
 def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
     """Runs preference tuning; returns the output folder (a Hugging Face folder `gemmakit.load`
     reads, metrics.jsonl, curves.png, and adapter/ for LoRA) and the last held-out metrics."""
-    from .loop import _base_model, save_model
-
-    out = prepare_out(cfg)
+    out = check_out(cfg)
     model, tok = _base_model(cfg)
     if tok is None:
         raise ConfigError(f"{cfg.model} has no tokenizer; preference tuning needs one (--tokenizer)")
@@ -141,20 +157,10 @@ def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
     if cfg.lora_rank > 0:
         model = lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
 
-    def objective(batch: list[pairs.Pair], held: bool):
-        logps, counts = sequence_logps(model, pairs.collate(batch, tok.pad_id))
-        chosen, rejected = logps.chunk(2)
-        n_chosen, n_rejected = counts.chunk(2)
-        ref_chosen = ref_rejected = None
-        if reference is not None:
-            ref_chosen = torch.stack([reference[p.where][0] for p in batch]).to(logps.device)
-            ref_rejected = torch.stack([reference[p.where][1] for p in batch]).to(logps.device)
-        return preference_loss(cfg.loss, cfg.beta, cfg.simpo_gamma, chosen, rejected, ref_chosen, ref_rejected,
-                               n_chosen, n_rejected)
-
     with atomic_path(out / "dpo_config.json") as tmp:
         tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    result = fit(cfg, model, objective, train, held, out, f"{cfg.loss} (beta {cfg.beta:g})")
+    step_loss = objective(cfg, model, reference, tok.pad_id)
+    result = fit(cfg, model, step_loss, train, held, out, f"{cfg.loss} (beta {cfg.beta:g})")
     if cfg.lora_rank > 0:
         lora.save_adapter(model, out / "adapter")
         model = lora.merge(model)

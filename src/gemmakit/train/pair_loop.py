@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
 from ..tokenizer import Tokenizer
 from . import lora, metrics, pairs
-from .loop import cosine_schedule
+from .loop import _optimizer, cosine_schedule
 
 # (pairs, held) -> loss (a scalar, mean over the pairs), chosen and rejected rewards (B,)
 Objective = Callable[[list, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -33,7 +33,7 @@ class PairConfig:
     data: str  # JSONL of preference pairs (see pairs.py)
     out: str
     eval_data: str | None = None  # held-out pairs; None: eval_fraction of `data`
-    eval_fraction: float = 0.1
+    eval_fraction: float | None = None  # None: 0.1 without eval_data
     epochs: int = 1
     max_steps: int | None = None  # None: `epochs` passes over the training pairs
     batch_size: int = 4  # pairs per optimizer step
@@ -62,6 +62,10 @@ class PairConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.eval_fraction is not None and self.eval_data is not None:
+            raise ConfigError("give --eval-data or --eval-fraction, not both")
+        if self.eval_fraction is None:
+            self.eval_fraction = 0.0 if self.eval_data is not None else 0.1
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.lr is None:
@@ -71,11 +75,12 @@ class PairConfig:
         self.betas = tuple(self.betas)
 
 
-def prepare_out(cfg: PairConfig) -> Path:
+def check_out(cfg: PairConfig) -> Path:
+    """The output folder, refused if it holds a trained model; made by the first file written into
+    it, after every pair has been read and checked."""
     out = Path(cfg.out)
     if (out / "config.json").exists():
         raise ConfigError(f"{out} already holds a trained model; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -95,8 +100,6 @@ def autocast(cfg: PairConfig):
 def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: list, held: list, out: Path,
         name: str) -> dict:
     """Trains `model` (its trainable parameters) on `train`; returns the last held-out metrics."""
-    from .loop import _optimizer  # the SFT loop's AdamW groups: matrices decay, norms and LoRA do not
-
     if not train:
         raise DataError(f"{cfg.data}: no training pairs left after holding out --eval-fraction")
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

@@ -30,7 +30,8 @@ from ..model.gemma import Gemma
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
 from . import lora, pairs
-from .pair_loop import PairConfig, fit, prepare_out, read_pairs
+from .loop import _base_model, save_model
+from .pair_loop import PairConfig, check_out, fit, read_pairs
 
 HEAD = "reward_head.safetensors"
 
@@ -78,7 +79,6 @@ class RewardModel(nn.Module):
         from safetensors.torch import save_file
 
         from ..lm import LM
-        from .loop import save_model
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -119,9 +119,7 @@ class RewardConfig(PairConfig):
 def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
     """Trains a reward model; returns its folder (see RewardModel.save) and the last held-out
     metrics (val_loss, val_accuracy, val_margin)."""
-    from .loop import _base_model
-
-    out = prepare_out(cfg)
+    out = check_out(cfg)
     body, tok = _base_model(cfg)
     if tok is None:
         raise ConfigError(f"{cfg.model} has no tokenizer; a reward model needs one (--tokenizer)")
