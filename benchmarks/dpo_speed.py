@@ -65,7 +65,7 @@ def gemmakit_step(folder: str, records: list[dict], lr: float):
     def step() -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _, _ = objective(batch, False)
+            loss, _, _ = objective(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

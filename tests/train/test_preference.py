@@ -247,3 +247,15 @@ def test_bad_pairs_fail_in_one_line_naming_the_line(setup, tmp_path, capsys, com
     assert rc == 1 and "\n" not in err and err.startswith("gemmakit: error:")
     assert "bad.jsonl:3: " in err and message in err
     assert not out.exists()
+
+
+def test_bad_settings_are_refused_before_anything_loads():
+    from gemmakit.errors import ConfigError
+    from gemmakit.train.dpo import DPOConfig
+
+    with pytest.raises(ConfigError, match="--eval-data or --eval-fraction, not both"):
+        DPOConfig(model="m", data="d", out="o", eval_data="held.jsonl", eval_fraction=0.2)
+    with pytest.raises(ConfigError, match="loss must be one of dpo, ipo, simpo"):
+        DPOConfig(model="m", data="d", out="o", loss="kto")
+    assert DPOConfig(model="m", data="d", out="o", loss="simpo").beta == 2.0
+    assert DPOConfig(model="m", data="d", out="o", eval_data="held.jsonl").eval_fraction == 0.0

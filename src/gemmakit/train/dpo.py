@@ -125,9 +125,9 @@ def reference_logps(cfg: DPOConfig, model, sets: list[list[pairs.Pair]], pad_id:
 
 
 def objective(cfg: DPOConfig, model, reference: dict | None, pad_id: int):
-    """The step's loss for pair_loop.fit: (pairs, held) -> (loss, chosen rewards, rejected rewards)."""
+    """The step's loss for pair_loop.fit: pairs -> (loss, chosen rewards, rejected rewards)."""
 
-    def compute(batch: list[pairs.Pair], held: bool):
+    def compute(batch: list[pairs.Pair]):
         logps, counts = sequence_logps(model, pairs.collate(batch, pad_id))
         chosen, rejected = logps.chunk(2)
         n_chosen, n_rejected = counts.chunk(2)

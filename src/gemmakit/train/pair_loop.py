@@ -2,7 +2,7 @@
 AdamW with warmup and cosine decay, gradient clipping, optional bf16 autocast, held-out
 evaluation, metrics.jsonl (loss, preference accuracy, reward margin) and a PNG of them.
 
-One process. What each objective computes is a function `objective(pairs, held) -> (loss,
+One process. What each objective computes is a function `objective(pairs) -> (loss,
 chosen_rewards, rejected_rewards)`; the loop knows nothing else about it.
 """
 
@@ -19,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..paths import atomic_path
 from ..tokenizer import Tokenizer
 from . import lora, metrics, pairs
 from .loop import _optimizer, cosine_schedule
 
-# (pairs, held) -> loss (a scalar, mean over the pairs), chosen and rejected rewards (B,)
-Objective = Callable[[list, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# pairs -> loss (a scalar, mean over the pairs), chosen and rejected rewards (B,)
+Objective = Callable[[list], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -122,7 +123,7 @@ def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: li
         with torch.no_grad(), autocast(cfg):
             for i in range(0, len(held), cfg.batch_size):
                 batch = held[i: i + cfg.batch_size]
-                piece, chosen, rejected = objective(batch, True)
+                piece, chosen, rejected = objective(batch)
                 loss += float(piece) * len(batch)
                 accurate += float((chosen > rejected).sum())
                 margin += float((chosen - rejected).sum())
@@ -136,7 +137,7 @@ def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: li
     bar = tqdm(total=total, desc=name, unit="step", disable=not cfg.progress)
     model.train()
     epoch, queue = 0, order(0)
-    tick = time.perf_counter()
+    tick, since = time.perf_counter(), 0
     for step in range(total):
         if not queue:  # an epoch's last batch may be smaller; the next epoch is a fresh order
             epoch += 1
@@ -144,21 +145,21 @@ def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: li
         picks, queue = queue[: cfg.batch_size], queue[cfg.batch_size:]
         batch = [train[i] for i in picks]
         with autocast(cfg):
-            loss, chosen, rejected = objective(batch, False)
+            loss, chosen, rejected = objective(batch)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        done, since = step + 1, since + 1
         record = {"step": done, "loss": float(loss.detach()), "accuracy": float((chosen > rejected).float().mean()),
                   "margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
                   "rejected_reward": float(rejected.mean()), "lr": lr, "grad_norm": grad_norm}
         if done % cfg.log_every == 0 or done == total:
             now = time.perf_counter()
-            record["seconds_per_step"] = (now - tick) / (cfg.log_every if done % cfg.log_every == 0 else 1)
-            tick = now
+            record["seconds_per_step"] = (now - tick) / since
+            tick, since = now, 0
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
         if done % cfg.eval_every == 0 or done == total:
@@ -177,8 +178,6 @@ def plot(path: Path, out: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..paths import atomic_path
 
     records = metrics.read(path)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -130,7 +130,7 @@ def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
         model.body = lora.add_lora(model.body, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
     model = model.to(cfg.device)
 
-    def objective(batch: list[pairs.Pair], held: bool):
+    def objective(batch: list[pairs.Pair]):
         rows = pairs.collate(batch, tok.pad_id, full=True)
         chosen, rejected = model(rows.tokens, rows.lengths).chunk(2)
         return bradley_terry(chosen, rejected), chosen.detach(), rejected.detach()
