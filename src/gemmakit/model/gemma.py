@@ -182,11 +182,12 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None, logits: bool = True) -> torch.Tensor | None:
+                targets: torch.Tensor | None = None, logits: bool = True, hidden: bool = False) -> torch.Tensor | None:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with targets (B, T),
         the summed cross-entropy instead (float32 scalar; targets of -100 carry no loss);
         logits=False: None, for a prefill that only fills the cache (the output layer is the
-        largest matrix: 671 MB of float32 for Gemma 3 270M, read for nothing).
+        largest matrix: 671 MB of float32 for Gemma 3 270M, read for nothing); hidden=True: the
+        final norm's output (B, T, d), what the output layer reads (per-sequence log-probs, heads).
 
         positions (B, T) are absolute; each row may have its own. With a cache, the new keys and
         values are written into it and attention reads the whole cache, masked by position.
@@ -220,6 +221,8 @@ class Gemma(nn.Module):
             return None
         if last_only:
             x = x[:, -1:]
+        if hidden:
+            return self.norm(x)
         if targets is not None:  # without ever holding all (B, T, V) logits: see loss.py
             return linear_cross_entropy(self.norm(x), self.embed.weight, targets, c.final_logit_softcap)
         logits = self.embed.attend(self.norm(x))  # (B, T, V): output layer tied to the embedding
