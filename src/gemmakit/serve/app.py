@@ -79,6 +79,16 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     for exc_type, handler in _handlers().items():
         app.add_exception_handler(exc_type, handler)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return Response(_page_file("index.html"), media_type="text/html; charset=utf-8")
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(name: str):
+        if name not in _PAGE_TYPES:
+            raise StarletteHTTPException(404, f"no page file {name!r}")
+        return Response(_page_file(name), media_type=_PAGE_TYPES[name])
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, **scheduler.stats()}
@@ -120,6 +130,14 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
 
 
 MAX_BODY_BYTES = 8 << 20  # a full 32k-token context is well under 1 MiB of JSON
+# The chat page at / (plain files shipped in the package: serve/page/), and its two assets.
+_PAGE_TYPES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
+
+
+def _page_file(name: str) -> bytes:
+    from importlib.resources import files
+
+    return (files(__package__) / "page" / name).read_bytes()
 
 
 def default_model_name(source: str) -> str:
