@@ -55,7 +55,7 @@ async function ask(text) {
     model, stream: true,
     messages: system ? [{ role: "system", content: system }, ...messages] : messages,
     temperature: number("temperature"), top_p: number("top_p"), max_tokens: number("max_tokens"),
-    seed: number("seed"),  // undefined (left out of the JSON) when empty
+    seed: number("seed"),  // an empty field is undefined, left out of the JSON: the server's default
   };
   running = new AbortController();
   send.disabled = true; stop.disabled = false;
