@@ -245,7 +245,8 @@ class LM:
         prompts, single = self._prompts(prompt)
         sampling = self._sampling(sampling, sampling_fields)
         longest = max(len(p) for p in prompts)
-        max_new_tokens = max_new_tokens or self.default_max_new_tokens(longest, 64)
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens(longest, 64)
         engine = self._take(min(max_batch, len(prompts)), longest + max_new_tokens)
         try:
             requests = [engine.submit(ids, max_new_tokens, sampling, self._stop_ids(stop_ids), stop or ())
@@ -266,7 +267,8 @@ class LM:
         prompts, single = self._prompts(prompt)
         if not single:
             raise GenerationError("stream takes one prompt; use generate for a list")
-        max_new_tokens = max_new_tokens or self.default_max_new_tokens(len(prompts[0]), 64)
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens(len(prompts[0]), 64)
         engine = self._take(1, len(prompts[0]) + max_new_tokens)
         try:  # a request the engine refuses fails here, not at the first piece
             request = engine.submit(prompts[0], max_new_tokens, self._sampling(sampling, sampling_fields),
@@ -298,7 +300,8 @@ class LM:
         fmt = self.chat_format
         stop_ids = list(dict.fromkeys(self.stop_ids + self.tokenizer.stop_ids))  # a turn's end stops a reply too
         return ChatSession(self.engine(1, max_len), system, self._sampling(sampling, sampling_fields),
-                           max_new_tokens or self.metadata.generation.max_new_tokens or 512, fmt, stop_ids)
+                           self.default_max_new_tokens(0, 512) if max_new_tokens is None else max_new_tokens, fmt,
+                           stop_ids)
 
     def save(self, folder: str | os.PathLike, progress: bool = True):
         """Writes the model and its tokenizer as a Hugging Face folder (checkpoints.hf.save)."""
@@ -343,4 +346,3 @@ class LM:
 
     def __repr__(self) -> str:
         return f"LM({self.source or self.config.family}, {self.num_parameters():,} parameters, {self.dtype})"
-

@@ -6,6 +6,7 @@ from GGUF metadata) or the `tokenizers` library (`tokenizer.json`). Both give th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -143,14 +144,12 @@ class Tokenizer:
                 ids += self._sp.EncodeAsIds(part)  # SentencePiece matches the user-defined ones (turn markers)
         return ids
 
-    @property
+    @functools.cached_property
     def _control_split(self) -> re.Pattern:
         """SentencePiece's control pieces (<bos>, <eos>, <pad>...), which it never reads from text."""
-        if not hasattr(self, "_control_re"):
-            pieces = [self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)]
-            pieces = sorted((p for p in pieces if p), key=len, reverse=True)
-            self._control_re = re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else re.compile("(?!)")
-        return self._control_re
+        pieces = [self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)]
+        pieces = sorted((p for p in pieces if p), key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else re.compile("(?!)")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -438,6 +438,7 @@ def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, 
     folder = Path(folder)
     _check_target(folder)
     config = hf_config(module.config, module.dtype, tokenizer)
+    meta = meta or metadata.Metadata()
     names = tensor_names(module.config)
     state = {}
     for name, t in module.state_dict().items():
@@ -460,7 +461,6 @@ def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, 
                      "weight_map": {name: file for file, tensors in shards.items() for name in tensors}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        meta = meta or metadata.Metadata()
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=metadata.template_value(meta))
         metadata.save(meta, tmp)

@@ -153,7 +153,8 @@ class _Server:
         self.vocab = min(lm.config.vocab_size, self.tok.vocab_size)
         self.format = lm.chat_format  # the checkpoint's chat template, or Gemma's
         g = lm.metadata.generation
-        # generation_config.json's defaults for the fields a request leaves out (else OpenAI's)
+        # generation_config.json's defaults for the fields a request leaves out, where the file
+        # says whether to sample (else OpenAI's: temperature 1)
         self.defaults = {}
         if g.do_sample is not None:
             s = lm.default_sampling()
