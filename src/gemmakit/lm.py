@@ -11,7 +11,9 @@ import torch
 
 from . import checkpoints
 from .chat import ChatSession
+from .chat_template import ChatFormat
 from .checkpoints import converted
+from .checkpoints.metadata import Metadata
 from .config import PRESETS, GemmaConfig
 from .errors import ConfigError, GenerationError, TokenizerError
 from .model import Gemma
@@ -60,6 +62,7 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
     if q and device.type != "cpu" and q.mode == "int4":
         raise ConfigError(f"int4 runs on torch's CPU int4 kernel; it cannot run on {device} (use int8)")
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
+    metadata = Metadata()
     if isinstance(source, GemmaConfig):
         config = source
         with torch.device(device):
@@ -72,13 +75,19 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
         ckpt = converted.read(source, q, variant, progress) if q else checkpoints.read(source, variant=variant)
         tok = tok or ckpt.tokenizer
         module = checkpoints.build(ckpt, dtype=dtype, device=device, progress=progress)
-        config = ckpt.config
+        config, metadata = ckpt.config, ckpt.metadata
     if tok is not None:
         tok.family = config.family
         if tok.vocab_size > config.vocab_size:
             raise TokenizerError(f"{tokenizer or source}: the tokenizer has {tok.vocab_size} tokens but the "
                                  f"model's embedding has {config.vocab_size} rows")
-    return LM(module, tok, source=name, compile=mode)
+        generation = metadata.generation
+        bad = next((i for i in (*(generation.eos_ids or ()), generation.bos_id, generation.pad_id)
+                    if i is not None and i >= tok.vocab_size), None)
+        if bad is not None:
+            raise TokenizerError(f"{generation.origin}: token id {bad} is outside the "
+                                 f"{tok.vocab_size}-token vocabulary")
+    return LM(module, tok, source=name, compile=mode, metadata=metadata)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -108,10 +117,11 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 class LM:
     def __init__(self, module: Gemma, tokenizer: Tokenizer | None, source: str = "",
-                 compile: Compile | str | None = None):
+                 compile: Compile | str | None = None, metadata: Metadata | None = None):
         self.module = module
         self.tokenizer = tokenizer
         self.source = source
+        self.metadata = metadata or Metadata()  # the checkpoint's chat template and generation defaults
         self._compile = Compile.of(compile)
         # Idle engines of generate/stream, by shape, newest last: a compiled step loads once, and
         # a prompt that repeats an earlier one's start reuses its cached keys and values.
@@ -139,6 +149,41 @@ class LM:
     def quantization(self) -> str | None:
         """"int8" or "int4" for a quantized model, None for a float one."""
         return mode_of(self.module)
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """How conversations become token ids: the checkpoint's chat template, or Gemma's built-in one."""
+        if self.tokenizer is None:
+            raise GenerationError("chat needs a tokenizer; this model has none")
+        return ChatFormat(self.tokenizer, self.metadata.chat_template)
+
+    def default_sampling(self) -> Sampling:
+        """The checkpoint's sampling defaults (generation_config.json, as transformers reads it:
+        greedy unless do_sample), the sampling of calls that pass none."""
+        g = self.metadata.generation
+        if not g.do_sample:
+            return Sampling()
+        return Sampling(temperature=1.0 if g.temperature is None else float(g.temperature),
+                        top_k=50 if g.top_k is None else g.top_k or None,
+                        top_p=None if g.top_p in (None, 1, 1.0) else float(g.top_p))
+
+    def default_max_new_tokens(self, prompt_tokens: int, fallback: int) -> int:
+        """generation_config.json's max_new_tokens, or what its max_length leaves after the prompt
+        (at least 1), or `fallback`."""
+        g = self.metadata.generation
+        if g.max_new_tokens is not None:
+            return g.max_new_tokens
+        if g.max_length is not None:
+            return max(1, g.max_length - prompt_tokens)
+        return fallback
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Where generation ends by default: generation_config.json's eos ids, else the tokenizer's stop ids."""
+        eos = self.metadata.generation.eos_ids
+        if eos is not None:
+            return list(eos)
+        return self.tokenizer.stop_ids if self.tokenizer is not None else []
 
     @torch.inference_mode()
     def logits(self, ids) -> torch.Tensor:
@@ -188,20 +233,25 @@ class LM:
             while len(self._idle) > _IDLE_ENGINES:
                 self._idle.popitem(last=False)
 
-    def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, sampling: Sampling | None = None,
+    def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int | None = None, sampling: Sampling | None = None,
                  stop: Sequence[str] | None = None, *, stop_ids: Sequence[int] | None = None,
                  max_batch: int = 16, **sampling_fields):
         """The continuation of a prompt (str), or of each prompt of a list, batched in one engine.
 
         Prompts are strings (encoded with <bos>) or lists of token ids (used as they are).
-        sampling: a Sampling; keyword fields (temperature=0.7, seed=1, ...) override its fields.
-        stop: stop strings (not part of the result); stop_ids default to the tokenizer's stop ids.
+        sampling: a Sampling (default: the checkpoint's, `default_sampling`); keyword fields
+        (temperature=0.7, seed=1, ...) override its fields.
+        max_new_tokens: default the checkpoint's (`default_max_new_tokens`), else 64.
+        stop: stop strings (not part of the result); stop_ids default to `stop_ids`.
         Returns the continuation text without the stop id or string; an LM without a tokenizer
         takes token ids and returns the generated ids (a list, or a list of lists).
         """
         prompts, single = self._prompts(prompt)
-        sampling = _sampling(sampling, sampling_fields)
-        engine = self._take(min(max_batch, len(prompts)), max(len(p) for p in prompts) + max_new_tokens)
+        sampling = self._sampling(sampling, sampling_fields)
+        longest = max(len(p) for p in prompts)
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens(longest, 64)
+        engine = self._take(min(max_batch, len(prompts)), longest + max_new_tokens)
         try:
             requests = [engine.submit(ids, max_new_tokens, sampling, self._stop_ids(stop_ids), stop or ())
                         for ids in prompts]
@@ -212,7 +262,7 @@ class LM:
         results = [r.text if self.tokenizer else r.generated_ids for r in requests]
         return results[0] if single else results
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 64, sampling: Sampling | None = None,
+    def stream(self, prompt: Prompt, max_new_tokens: int | None = None, sampling: Sampling | None = None,
                stop: Sequence[str] | None = None, *, stop_ids: Sequence[int] | None = None,
                **sampling_fields) -> Iterator[str]:
         """The continuation of one prompt in pieces as they are generated (see `generate`); the
@@ -221,9 +271,11 @@ class LM:
         prompts, single = self._prompts(prompt)
         if not single:
             raise GenerationError("stream takes one prompt; use generate for a list")
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens(len(prompts[0]), 64)
         engine = self._take(1, len(prompts[0]) + max_new_tokens)
         try:  # a request the engine refuses fails here, not at the first piece
-            request = engine.submit(prompts[0], max_new_tokens, _sampling(sampling, sampling_fields),
+            request = engine.submit(prompts[0], max_new_tokens, self._sampling(sampling, sampling_fields),
                                     self._stop_ids(stop_ids), stop or ())
         except BaseException:
             self._give(engine)
@@ -241,26 +293,32 @@ class LM:
         finally:
             self._give(engine)
 
-    def chat(self, system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int = 512,
+    def chat(self, system: str | None = None, sampling: Sampling | None = None, max_new_tokens: int | None = None,
              max_len: int | None = None, **sampling_fields):
-        """A ChatSession (send/stream/reset/messages) that keeps its KV cache between turns.
+        """A ChatSession (send/stream/reset/messages) that keeps its KV cache between turns, in the
+        checkpoint's chat template (`chat_format`); sampling and max_new_tokens default to the
+        checkpoint's (else greedy, and 512 tokens a reply).
 
         max_len: the longest conversation in tokens (default: the model's context).
         """
-        if self.tokenizer is None:
-            raise GenerationError("chat needs a tokenizer; this model has none")
-        return ChatSession(self.engine(1, max_len), system, _sampling(sampling, sampling_fields), max_new_tokens)
+        fmt = self.chat_format
+        stop_ids = list(dict.fromkeys(self.stop_ids + self.tokenizer.stop_ids))  # a turn's end stops a reply too
+        return ChatSession(self.engine(1, max_len), system, self._sampling(sampling, sampling_fields),
+                           self.default_max_new_tokens(0, 512) if max_new_tokens is None else max_new_tokens, fmt,
+                           stop_ids)
 
     def save(self, folder: str | os.PathLike, progress: bool = True):
         """Writes the model and its tokenizer as a Hugging Face folder (checkpoints.hf.save)."""
         from .checkpoints import hf
 
-        return hf.save(self.module, folder, tokenizer=self.tokenizer, progress=progress)
+        return hf.save(self.module, folder, tokenizer=self.tokenizer, progress=progress, meta=self.metadata)
 
     def _stop_ids(self, stop_ids: Sequence[int] | None) -> Sequence[int]:
-        if stop_ids is not None:
-            return stop_ids
-        return self.tokenizer.stop_ids if self.tokenizer is not None else ()
+        return stop_ids if stop_ids is not None else self.stop_ids
+
+    def _sampling(self, sampling: Sampling | None, fields: dict) -> Sampling:
+        sampling = sampling or self.default_sampling()
+        return sampling.replace(**fields) if fields else sampling
 
     def _prompts(self, prompt) -> tuple[list[list[int]], bool]:
         """[token ids per prompt], and whether one prompt (not a list of them) was given."""
@@ -292,7 +350,3 @@ class LM:
 
     def __repr__(self) -> str:
         return f"LM({self.source or self.config.family}, {self.num_parameters():,} parameters, {self.dtype})"
-
-
-def _sampling(sampling: Sampling | None, fields: dict) -> Sampling:
-    return (sampling or Sampling()).replace(**fields) if fields else (sampling or Sampling())

@@ -6,6 +6,7 @@ from GGUF metadata) or the `tokenizers` library (`tokenizer.json`). Both give th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,10 +79,11 @@ class Tokenizer:
         except TokenizerError as e:  # e.g. no <bos>: not a Gemma tokenizer; say which file
             raise TokenizerError(f"{name}: {e}") from None
 
-    def save(self, folder: str | os.PathLike) -> Path:
+    def save(self, folder: str | os.PathLike, chat_template: str | list = CHAT_TEMPLATE) -> Path:
         """Writes tokenizer.model (SentencePiece) or tokenizer.json into `folder`, and the
         tokenizer_config.json that tells transformers and vLLM to put <bos> first (without it
-        they add none, and Gemma's answers are garbage) and the chat template; returns the file."""
+        they add none, and Gemma's answers are garbage) and the chat template (the built-in
+        one unless the checkpoint had its own); returns the file."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / ("tokenizer.model" if self._sp is not None else "tokenizer.json")
@@ -93,7 +95,7 @@ class Tokenizer:
         settings = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
                     **{f"{name}_token": self.piece(i) for name, i in
                        (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))},
-                    "chat_template": CHAT_TEMPLATE}
+                    "chat_template": chat_template}
         with atomic_path(folder / "tokenizer_config.json") as tmp:
             tmp.write_text(json.dumps(settings, indent=2))
         return out
@@ -127,6 +129,27 @@ class Tokenizer:
         else:
             ids = self._hf.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_special(self, text: str) -> list[int]:
+        """Ids of text in which special tokens are written out (a rendered chat template's
+        "<bos><start_of_turn>user..."), as transformers tokenizes it: each special token's text is
+        its id, the text between them is encoded as usual. No <bos> is added."""
+        if self._hf is not None:  # the tokenizers library matches its added tokens itself
+            return self._hf.encode(text, add_special_tokens=False).ids
+        ids = []
+        for i, part in enumerate(self._control_split.split(text)):
+            if i % 2:
+                ids.append(self.token_id(part))
+            elif part:
+                ids += self._sp.EncodeAsIds(part)  # SentencePiece matches the user-defined ones (turn markers)
+        return ids
+
+    @functools.cached_property
+    def _control_split(self) -> re.Pattern:
+        """SentencePiece's control pieces (<bos>, <eos>, <pad>...), which it never reads from text."""
+        pieces = [self._sp.IdToPiece(i) for i in range(self.vocab_size) if self._sp.IsControl(i)]
+        pieces = sorted((p for p in pieces if p), key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else re.compile("(?!)")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

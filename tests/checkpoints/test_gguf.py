@@ -89,7 +89,7 @@ def tokenizer_fields(sentencepiece_model: Path):
 
 def write_gguf(path: Path, model: Gemma, sentencepiece_model: Path, quantized: bool = False, arch: str | None = None,
                skip: tuple[str, ...] = (), metadata_skip: tuple[str, ...] = (),
-               extra: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+               extra: dict[str, np.ndarray] | None = None, chat_template: str | None = None) -> dict[str, torch.Tensor]:
     """Writes `model` as llama.cpp would; returns the weights a reader should give back (dequantized)."""
     c = model.config
     arch = arch or c.family
@@ -126,6 +126,8 @@ def write_gguf(path: Path, model: Gemma, sentencepiece_model: Path, quantized: b
     w.add_pad_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     rng = np.random.default_rng(0)
     expected = {}
@@ -217,6 +219,24 @@ def test_tokenizer_rebuilt_from_metadata(tmp_path, sentencepiece_model):
     assert rebuilt.normalizer_spec.name == "identity" and not rebuilt.normalizer_spec.add_dummy_prefix
     assert not rebuilt.normalizer_spec.remove_extra_whitespaces
 
+
+
+def test_chat_template_from_metadata(tmp_path, sentencepiece_model):
+    """tokenizer.chat_template (Google's Gemma 3 template) is the chat format, after a quantized conversion too."""
+    template = (DATA / "chat_templates" / "gemma3.jinja").read_text()
+    path = tmp_path / "chat.gguf"
+    write_gguf(path, random_model(CONFIGS["gemma3"]), sentencepiece_model, chat_template=template)
+    meta = gguf_reader.read(path).metadata
+    assert meta.chat_template.text == template and meta.chat_template.origin == f"{path} (tokenizer.chat_template)"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": " and? "}]
+    for quantize in (None, "int8"):
+        lm = gemmakit.load(path, quantize=quantize, compile=None, progress=False)
+        assert lm.metadata.chat_template.text == template
+        assert lm.chat_format.chat_ids(messages) == lm.tokenizer.chat_ids(messages)  # the built-in's ids
+    assert lm.metadata.chat_template.origin == f"{path} (chat template)"  # errors name the GGUF, not the cache
+    write_gguf(path, random_model(CONFIGS["gemma3"]), sentencepiece_model)
+    assert gguf_reader.read(path).metadata.chat_template is None  # none in the file: the built-in one
 
 
 def test_user_defined_whitespace_pieces_written_as_llamacpp_writes_them(tmp_path, sentencepiece_model):

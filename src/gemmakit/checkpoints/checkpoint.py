@@ -1,6 +1,7 @@
 """What every checkpoint reader returns (`Checkpoint`, `TensorRef`), and the model built from one.
 
-A Checkpoint holds the config, the tokenizer (when the files hold one) and the tensors under the
+A Checkpoint holds the config, the tokenizer (when the files hold one), the chat template and
+generation defaults (metadata.py) and the tensors under the
 model's own names as lazy references, so that a model is built one tensor at a time and never
 holds two full copies of the weights.
 """
@@ -8,7 +9,7 @@ holds two full copies of the weights.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,7 @@ from ..errors import CheckpointError
 from ..model import Gemma
 from ..model.quantized import Quantization, quantized_skeleton
 from ..tokenizer import Tokenizer
+from .metadata import Metadata
 
 _LAYER_NAME = re.compile(r"layers\.(\d+)\.")
 
@@ -37,6 +39,7 @@ class Checkpoint:
     tensors: dict[str, TensorRef]  # the model's own parameter names
     tokenizer: Tokenizer | None = None
     quantization: Quantization | None = None  # tensors already quantized (converted.py), in their final dtypes
+    metadata: Metadata = field(default_factory=Metadata)  # the chat template and generation defaults
 
 
 def layers_in(names) -> int:

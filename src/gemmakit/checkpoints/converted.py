@@ -8,6 +8,7 @@ tensors stay memory-mapped from the converted file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,10 +20,10 @@ from ..errors import CheckpointError
 from ..model.quantized import Quantization, quantize
 from ..paths import atomic_path, cache_dir, fingerprint
 from ..tokenizer import Tokenizer
-from . import hf, is_gguf
+from . import hf, is_gguf, metadata
 from .checkpoint import Checkpoint, TensorRef, build
 
-_FORMAT = 4  # bump when the files change meaning
+_FORMAT = 5  # bump when the files change meaning (5: the checkpoint's chat template and generation defaults)
 WEIGHTS = "model.safetensors"
 META = "quantized.json"
 
@@ -76,7 +77,8 @@ def read(source: str | os.PathLike, q: Quantization, variant: str | None = None,
 
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / WEIGHTS))
             if ckpt.tokenizer is not None:
-                ckpt.tokenizer.save(tmp)
+                ckpt.tokenizer.save(tmp, chat_template=metadata.template_value(ckpt.metadata))
+            metadata.save(ckpt.metadata, tmp)
         del module
     try:
         meta = json.loads((folder / META).read_text())
@@ -92,4 +94,9 @@ def read(source: str | os.PathLike, q: Quantization, variant: str | None = None,
                for name, shape in shapes.items()}
     tokenizer_file = next((folder / n for n in hf.TOKENIZER_FILES if (folder / n).is_file()), None)
     tokenizer = Tokenizer.from_file(tokenizer_file, family=config.family) if tokenizer_file else None
-    return Checkpoint(source=str(folder), config=config, tensors=tensors, tokenizer=tokenizer, quantization=q)
+    meta = metadata.from_folder(folder)
+    if meta.chat_template is not None:  # errors name the file the user gave, not the cache
+        meta = dataclasses.replace(meta, chat_template=dataclasses.replace(meta.chat_template,
+                                                                           origin=f"{source} (chat template)"))
+    return Checkpoint(source=str(folder), config=config, tensors=tensors, tokenizer=tokenizer, quantization=q,
+                      metadata=meta)

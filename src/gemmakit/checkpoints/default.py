@@ -45,7 +45,8 @@ def default_model_source(progress: bool = True) -> Path:
 
         try:
             ckpt = gguf_reader.read(gguf)
-            hf.save(build(ckpt, progress=progress), folder, tokenizer=ckpt.tokenizer, progress=progress)
+            hf.save(build(ckpt, progress=progress), folder, tokenizer=ckpt.tokenizer, progress=progress,
+                    meta=ckpt.metadata)
         except (CheckpointError, OSError):
             if not (folder / "config.json").is_file():  # not merely another process converting first
                 raise

@@ -28,6 +28,7 @@ import torch
 from ..config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..tokenizer import Tokenizer
+from . import metadata
 from .checkpoint import Checkpoint, TensorRef, check_layer_count
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -100,7 +101,8 @@ def read(path: str | os.PathLike) -> Checkpoint:
             message = f"{path}: {message}{where}"
         raise ConfigError(message) from None
     check_layer_count(path, config, tensors, f"{arch}.block_count")
-    return Checkpoint(source=str(path), config=config, tensors=tensors, tokenizer=_tokenizer(meta, path))
+    return Checkpoint(source=str(path), config=config, tensors=tensors, tokenizer=_tokenizer(meta, path),
+                      metadata=metadata.from_gguf(meta, path))
 
 
 FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)

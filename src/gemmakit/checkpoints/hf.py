@@ -19,6 +19,7 @@ from ..config import INT_LIMITS, GemmaConfig, LayerKind, is_int, is_number, shor
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
+from . import metadata
 from .checkpoint import Checkpoint, TensorRef, check_layer_count
 
 CONFIG = "config.json"
@@ -308,7 +309,8 @@ def read(folder: str | os.PathLike) -> Checkpoint:
         if tokenizer.vocab_size > rows:
             raise TokenizerError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but the embedding "
                                  f"(embed_tokens) has {rows} rows")
-    return Checkpoint(source=str(folder), config=config, tensors=tensors, tokenizer=tokenizer)
+    return Checkpoint(source=str(folder), config=config, tensors=tensors, tokenizer=tokenizer,
+                      metadata=metadata.from_folder(folder))
 
 
 def _read_json(path: Path) -> dict:
@@ -428,15 +430,17 @@ def _is_count(x) -> bool:
 
 # -- writing --------------------------------------------------------------------------------------
 def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, progress: bool = True,
-         max_shard_bytes: int = 5 * 2**30) -> Path:
+         max_shard_bytes: int = 5 * 2**30, meta: metadata.Metadata | None = None) -> Path:
     """Writes a model (a Gemma module) as a Hugging Face folder that transformers loads (config.json,
-    model.safetensors or shards + index, the tokenizer; `LM.save` passes its own). All or nothing (paths.atomic_path). Never overwrites a
+    model.safetensors or shards + index, the tokenizer; `LM.save` passes its own, and its chat template
+    and generation defaults as `meta`). All or nothing (paths.atomic_path). Never overwrites a
     non-empty folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     _check_target(folder)
     config = hf_config(module.config, module.dtype, tokenizer)
+    meta = meta or metadata.Metadata()
     names = tensor_names(module.config)
     state = {}
     for name, t in module.state_dict().items():
@@ -460,7 +464,8 @@ def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, 
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp, chat_template=metadata.template_value(meta))
+        metadata.save(meta, tmp)
         _check_target(folder)  # again: something may have appeared while we wrote
     return folder
 

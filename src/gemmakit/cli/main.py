@@ -32,11 +32,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stop = args.stop or None
     if args.json:
         start = time.perf_counter()
-        text = lm.generate(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=stop)
+        text = lm.generate(prompt, max_new_tokens=args.max_new_tokens, stop=stop, **sampling)
         print(json.dumps({"model": str(lm.source), "prompt": prompt, "text": text,
                           "seconds": round(time.perf_counter() - start, 3)}))
         return 0
-    for piece in lm.stream(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=stop):
+    for piece in lm.stream(prompt, max_new_tokens=args.max_new_tokens, stop=stop, **sampling):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     lm = load_model(args)
-    session = lm.chat(system=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens)
+    session = lm.chat(system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Chatting with", lm.source, "- /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -73,7 +73,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"source": str(lm.source), "parameters": lm.num_parameters(), "dtype": str(lm.dtype).removeprefix("torch."),
             "quantize": lm.quantization, "bytes": lm.nbytes(), "config": lm.config.to_dict(),
             "tokenizer": None if lm.tokenizer is None else {"vocab_size": lm.tokenizer.vocab_size,
-                                                          "stop_ids": lm.tokenizer.stop_ids}}
+                                                          "stop_ids": lm.stop_ids},
+            "chat_template": None if lm.metadata.chat_template is None else lm.metadata.chat_template.origin,
+            "generation_config": lm.metadata.generation.fields() or None}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -84,7 +86,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in info["config"].items():
         print(f"{key:<22}{value}")
     if lm.tokenizer is not None:
-        print(f"tokenizer   {lm.tokenizer.vocab_size:,} tokens, stop ids {lm.tokenizer.stop_ids}")
+        print(f"tokenizer   {lm.tokenizer.vocab_size:,} tokens, stop ids {lm.stop_ids}")
+        print(f"chat        {info['chat_template'] or 'the built-in Gemma template'}")
+    generation = info["generation_config"]
+    if generation:
+        print(f"generation  {', '.join(f'{k}={v}' for k, v in generation.items())}  ({lm.metadata.generation.origin})")
     return 0
 
 
@@ -112,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--system", default=None, help="system instructions (Gemma 3 only)")
     add_sampling_args(p)
-    p.set_defaults(func=cmd_chat, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="config, parameter count, dtype and bytes of a model")
     add_model_args(p, compile=False)

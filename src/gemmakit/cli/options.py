@@ -55,8 +55,11 @@ def load_model(args: argparse.Namespace, progress: bool = True):
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    """Left out, each takes the checkpoint's generation_config.json default, else greedy and 64 new tokens."""
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the checkpoint's (generation_config.json), else 64 (chat: 512)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy; default: the checkpoint's (generation_config.json), else greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
@@ -64,8 +67,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def sampling_from(args: argparse.Namespace) -> Sampling:
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed)
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    """The sampling fields the user set (the checkpoint's defaults fill in the rest: LM.generate),
+    checked now so that bad values fail before the model loads."""
+    fields = {f: getattr(args, f) for f in SAMPLING_FLAGS if getattr(args, f) is not None}
+    Sampling(**fields)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise GemmaError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    return fields
 
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import GemmaError, TokenizerError
 from ..runtime.grammar import Grammar
 from ..runtime.sampling import Sampling
-from ..tokenizer import BYTE_PIECE, CHAT_TEMPLATE
+from ..tokenizer import BYTE_PIECE
 from . import tools
 from .metrics import ServerMetrics
 from .protocol import (
@@ -79,6 +79,16 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     for exc_type, handler in _handlers().items():
         app.add_exception_handler(exc_type, handler)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return Response(_page_file("index.html"), media_type="text/html; charset=utf-8")
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(name: str):
+        if name not in _PAGE_TYPES:
+            raise StarletteHTTPException(404, f"no page file {name!r}")
+        return Response(_page_file(name), media_type=_PAGE_TYPES[name])
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, **scheduler.stats()}
@@ -120,6 +130,14 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
 
 
 MAX_BODY_BYTES = 8 << 20  # a full 32k-token context is well under 1 MiB of JSON
+# The chat page at / (plain files shipped in the package: serve/page/), and its two assets.
+_PAGE_TYPES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
+
+
+def _page_file(name: str) -> bytes:
+    from importlib.resources import files
+
+    return (files(__package__) / "page" / name).read_bytes()
 
 
 def default_model_name(source: str) -> str:
@@ -133,6 +151,16 @@ class _Server:
     def __init__(self, lm, scheduler: Scheduler, name: str, max_len: int):
         self.lm, self.tok, self.scheduler, self.name, self.max_len = lm, lm.tokenizer, scheduler, name, max_len
         self.vocab = min(lm.config.vocab_size, self.tok.vocab_size)
+        self.format = lm.chat_format  # the checkpoint's chat template, or Gemma's
+        g = lm.metadata.generation
+        # generation_config.json's defaults for the fields a request leaves out, where the file
+        # says whether to sample (else OpenAI's: temperature 1)
+        self.defaults = {}
+        if g.do_sample is not None:
+            s = lm.default_sampling()
+            self.defaults = {"temperature": s.temperature, "top_p": s.top_p or 1.0, "top_k": s.top_k}
+        self.default_max_tokens = g.max_new_tokens
+        self.chat_stops = list(dict.fromkeys(lm.stop_ids + self.tok.stop_ids))  # a turn's end stops a reply too
         self.created = now()
         self._pieces: dict[int, tuple[str, list[int]]] = {}  # token id -> its text and bytes (logprobs)
 
@@ -158,8 +186,9 @@ class _Server:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
         options = {"logprobs": body.logprobs,
                    "prompt_logprobs": body.logprobs if body.echo and body.logprobs is not None else None}
-        jobs = self._jobs(body, prompts, 1 if score_only else body.max_tokens, default_max_tokens=16, options=options,
-                          stop_ids=self.fim_stops if body.suffix else None)
+        jobs = self._jobs(body, prompts, 1 if score_only else body.max_tokens,
+                          default_max_tokens=self.default_max_tokens or 16, options=options,
+                          stop_ids=self.fim_stops if body.suffix else self.lm.stop_ids)
         echoes = [(p if isinstance(p, str) else self.tok.decode(ids)) if body.echo else ""
                   for p, ids in zip(body.prompts, prompts)]
         rid = new_id("cmpl")
@@ -230,7 +259,7 @@ class _Server:
     def fim_stops(self) -> list[int]:
         """A middle ends at <eos> or where CodeGemma starts the next file or fill."""
         extra = [self.tok.token_id(t) for t in ("<|file_separator|>", "<|fim_prefix|>") if self.tok.has_token(t)]
-        return self.tok.stop_ids + extra
+        return self.lm.stop_ids + extra
 
     # -- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, body: ChatRequest, request: Request):
@@ -247,8 +276,9 @@ class _Server:
             grammar = Grammar.json_schema(self.tok, tools.call_schema(calls)) if tool_mode == "required" else None
         except GemmaError as e:  # a tool's parameters that are no JSON schema the grammar engine takes
             raise APIError(400, f"tools: {e}", param="tools") from None
-        jobs = self._jobs(body, [ids], getattr(body, field), default_max_tokens=None, field=field, grammar=grammar,
-                          options={"logprobs": (body.top_logprobs or 0) if body.logprobs else None})
+        jobs = self._jobs(body, [ids], getattr(body, field), default_max_tokens=self.default_max_tokens, field=field,
+                          grammar=grammar, options={"logprobs": (body.top_logprobs or 0) if body.logprobs else None},
+                          stop_ids=self.chat_stops)
         rid = new_id("chatcmpl")
 
         def chunk(choices: list[dict]) -> dict:
@@ -303,7 +333,7 @@ class _Server:
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         try:
-            return self.tok.chat_ids(messages)
+            return self.format.chat_ids(messages)
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -334,7 +364,7 @@ class _Server:
         return {"tokenizer_class": "GemmaTokenizer", "bos_token": piece(self.tok.bos_id),
                 "eos_token": piece(self.tok.eos_id), "pad_token": piece(self.tok.pad_id),
                 "model_max_length": self.max_len, "vocab_size": self.tok.vocab_size,
-                "chat_template": CHAT_TEMPLATE}
+                "chat_template": self.format.jinja}
 
     # -- shared by both endpoints -------------------------------------------------------------
     def _jobs(self, body, prompts: list[list[int]], max_tokens: int | None, default_max_tokens: int | None,
@@ -368,9 +398,12 @@ class _Server:
             for k in range(body.n):
                 # n samples of one seed differ from each other and repeat from run to run
                 seed = None if body.seed is None else (body.seed + k) % 2**64
+                given = {f: getattr(body, f) if f in body.model_fields_set else self.defaults.get(f, getattr(body, f))
+                         for f in ("temperature", "top_p", "top_k")}
                 try:
-                    sampling = Sampling(temperature=body.temperature, top_p=None if body.top_p == 1.0 else body.top_p,
-                                        top_k=body.top_k or None, min_p=body.min_p,
+                    sampling = Sampling(temperature=given["temperature"],
+                                        top_p=None if given["top_p"] == 1.0 else given["top_p"],
+                                        top_k=given["top_k"] or None, min_p=body.min_p,
                                         repetition_penalty=body.repetition_penalty,
                                         presence_penalty=body.presence_penalty,
                                         frequency_penalty=body.frequency_penalty, logit_bias=body.bias, seed=seed)
@@ -475,7 +508,7 @@ class _Server:
 
     def _chat_logprobs(self, tokens: list) -> list[dict]:
         """The chat endpoint's: one entry per token of the answer (a final stop token is not part of it)."""
-        stops = set(self.tok.stop_ids)
+        stops = set(self.chat_stops)
         out = []
         for token, lp, top in tokens:
             if token in stops:

@@ -78,7 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     http.start()
-    print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1", flush=True)
+    print(f"serving {app.state.model_name} on http://{args.host}:{args.port}/v1 (a chat page at "
+          f"http://{args.host}:{args.port}/)", flush=True)
     scheduler = app.state.scheduler
     watcher = threading.Thread(target=_stop_when_done, args=(http, scheduler), daemon=True)
     watcher.start()

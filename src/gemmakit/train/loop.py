@@ -24,6 +24,8 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm.auto import tqdm
 
+from ..chat_template import ChatFormat, ChatTemplate
+from ..checkpoints.metadata import Metadata
 from ..config import GemmaConfig, check_fields
 from ..errors import ConfigError, DataError
 from ..lm import LM
@@ -108,7 +110,7 @@ def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> flo
 
 
 # -- set-up ------------------------------------------------------------------------------------------
-def _base_model(cfg: TrainConfig) -> tuple[Gemma, Tokenizer | None]:
+def _base_model(cfg: TrainConfig) -> tuple[Gemma, Tokenizer | None, Metadata]:
     source = cfg.model
     if source.endswith(".json") and os.path.isfile(source):  # a config of our own: random weights
         try:
@@ -118,7 +120,7 @@ def _base_model(cfg: TrainConfig) -> tuple[Gemma, Tokenizer | None]:
     # The weights as the file has them (training changes them): never the quantized fast mode.
     lm = load_model(source, quantize=None, compile=None, tokenizer=cfg.tokenizer, seed=cfg.seed,
                     progress=cfg.progress)
-    return lm.module.float().train(), lm.tokenizer
+    return lm.module.float().train(), lm.tokenizer, lm.metadata
 
 
 def _tokenizer(cfg: TrainConfig, model: Gemma, tok: Tokenizer | None, out: Path, world) -> Tokenizer:
@@ -137,16 +139,19 @@ def _tokenizer(cfg: TrainConfig, model: Gemma, tok: Tokenizer | None, out: Path,
     return Tokenizer.from_file(path, family=model.config.family)
 
 
-def _sources(cfg: TrainConfig, tok: Tokenizer, world) -> list[data.TokenRows]:
-    """Rank 0 tokenizes each source once into out/data/; every process then maps the files."""
+def _sources(cfg: TrainConfig, tok: Tokenizer, world, template: ChatTemplate | None = None) -> list[data.TokenRows]:
+    """Rank 0 tokenizes each source once into out/data/; every process then maps the files.
+    Chats are rendered with the checkpoint's template where it has one."""
     cache = Path(cfg.out) / "data"
     proto = tok.sentencepiece_proto()
     key = hashlib.sha256(proto).hexdigest()[:16] if proto else f"{tok.vocab_size}"
+    if cfg.sft and template is not None:  # another template renders other ids
+        key += "-" + hashlib.sha256(repr(template.variants).encode()).hexdigest()[:8]
     specs = [data.SourceSpec.parse(s) for s in cfg.data]
 
     def build(progress: bool) -> list[data.TokenRows]:
         if cfg.sft:
-            render = partial(_render, tok)
+            render = partial(_render, ChatFormat(tok, template))
             return [data.pack_chats(s, render, tok.pad_id, cfg.seq_len, cache, key, progress) for s in specs]
         encode = partial(tok.encode, add_bos=False)
         return [data.pack_text(s, encode, tok.eos_id, cfg.seq_len, cache, key, cfg.seed, progress) for s in specs]
@@ -157,8 +162,8 @@ def _sources(cfg: TrainConfig, tok: Tokenizer, world) -> list[data.TokenRows]:
     return build(False)
 
 
-def _render(tok: Tokenizer, messages, where: str):
-    return conversations.render(tok, messages, where)
+def _render(chat: ChatFormat, messages, where: str):
+    return conversations.render(chat, messages, where)
 
 
 def _barrier(world) -> None:
@@ -195,14 +200,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if not cfg.resume and state.checkpoints(ckpt_dir):
         raise ConfigError(f"{out} already holds training checkpoints; pass --resume, or choose another --out")
 
-    model, tok = _base_model(cfg)
+    model, tok, base_meta = _base_model(cfg)
     config = model.config
     if cfg.seq_len > config.max_seq_len:
         raise ConfigError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
     tok = _tokenizer(cfg, model, tok, out, world)
     if tok.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
-    sources = _sources(cfg, tok, world)
+    sources = _sources(cfg, tok, world, base_meta.chat_template)
     train_rows, held_rows = data.split(sources, cfg.val_fraction)
 
     if cfg.lora_rank > 0:
@@ -315,7 +320,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         if cfg.lora_rank > 0:
             lora.save_adapter(final, out / "adapter")
             final = lora.merge(final)
-        save_model(LM(final.float().eval(), tok), out, progress=cfg.progress)
+        save_model(LM(final.float().eval(), tok, metadata=base_meta), out, progress=cfg.progress)
     _barrier(world)
     return Result(out, cfg.max_steps, losses, val_loss)
 
