@@ -48,6 +48,10 @@ def make_task(lm, task: str, shots: int | None = None, limit: int | None = None,
     raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-def run(lm, task: str, output: str | os.PathLike | None = None, progress: bool = True, **options) -> dict:
-    """Builds the task (see make_task for the options) and evaluates it; the results dict."""
-    return evaluate(lm, make_task(lm, task, **options), output=output, progress=progress)
+def run(lm, task: str, output: str | os.PathLike | None = None, progress: bool = True, shards=None,
+        **options) -> dict | None:
+    """Builds the task (see make_task for the options) and evaluates it; the results dict (None on
+    ranks other than 0 when `shards`, from shards.join(), splits the items over processes)."""
+    from .shards import Shards
+
+    return evaluate(lm, make_task(lm, task, **options), output=output, progress=progress, shards=shards or Shards())

@@ -38,16 +38,24 @@ def _eval(args) -> int:
     import torch
 
     from ..cli.options import load_model
-    from . import run
+    from . import run, shards
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    lm = load_model(args)
-    load_seconds = time.perf_counter() - start
-    results = run(lm, args.task, output=args.output, shots=args.shots, limit=args.limit, data=args.data,
-                  samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                  batch_size=args.batch_size, seed=args.seed, per_subject=args.per_subject)
+    ranks = shards.join()  # under torchrun: this process's share of the items
+    try:
+        if ranks.size > 1 and args.device == "cuda":
+            args.device = f"cuda:{ranks.local_rank}"
+        start = time.perf_counter()
+        lm = load_model(args, progress=ranks.main)
+        load_seconds = time.perf_counter() - start
+        results = run(lm, args.task, output=args.output, shots=args.shots, limit=args.limit, data=args.data,
+                      samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, seed=args.seed, per_subject=args.per_subject, shards=ranks)
+    finally:
+        shards.leave()
+    if results is None:  # a rank other than 0: rank 0 reports
+        return 0
     summary = {k: v for k, v in results.items() if k != "records"}
     summary["timings"] = {**summary["timings"], "load_seconds": round(load_seconds, 2)}
     for name, m in results["metrics"].items():
