@@ -13,15 +13,18 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="evaluate a model on a benchmark task",
                               description="Evaluate a model: mmlu, mc (a JSONL of question/choices/answer), gsm8k, "
-                                          "humaneval, perplexity or memorization (text files).")
+                                          "humaneval, perplexity, memorization (text files) or bbh (BIG-bench source tasks "
+                                          "of BBH's 23, from the bigbench sdist: --data).")
     add_model_args(p)
     p.add_argument("--task", "-t", required=True, choices=TASKS)
-    p.add_argument("--shots", type=int, default=None, help="few-shot examples (mmlu 5, gsm8k 8, mc 0 by default)")
+    p.add_argument("--shots", type=int, default=None, help="few-shot examples (mmlu 5, gsm8k 8, bbh 3, mc 0 by default)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--per-subject", type=int, default=None,
-                   help="mmlu: the N questions of each subject after its few-shot examples (a stratified slice)")
+                   help="mmlu: the N questions of each subject after its few-shot examples (a stratified slice); "
+                        "bbh: the first N items of each subtask")
     p.add_argument("--data", nargs="+", default=None,
                    help="data files: the JSONL for mc, text files for perplexity/memorization, "
+                        "the bigbench==1.0.0 sdist (or its unpacked folder) for bbh, "
                         "or a replacement for the packaged mmlu/gsm8k/humaneval set")
     p.add_argument("--samples", type=int, default=1, help="samples per item: maj@k for gsm8k, pass@k for humaneval")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature when --samples > 1")
