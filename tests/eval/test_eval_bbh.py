@@ -167,3 +167,35 @@ def test_cli_without_data_is_one_line(tmp_path, tiny_lm, capsys):
     err = capsys.readouterr().err.strip().splitlines()  # after the loading bar
     assert err[-1].startswith("gemmakit: error: bbh reads BIG-bench's task files: pip download")
     assert not any("Traceback" in line for line in err)
+
+
+def test_prompts_and_answers_equal_lm_evals_own(tmp_path):
+    """lm-eval's bbh_cot_fewshot YAML, pointed at our items as a local JSONL, builds the same
+    prompts, and its get-answer filter extracts the same answers."""
+    import yaml
+    from lm_eval.filters.extraction import RegexFilter
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from gemmakit.eval.mc import package_file
+
+    task = bbh(Echo(None), FIXTURE)
+    template = yaml.safe_load(package_file("lm_eval", "tasks/bbh/cot_fewshot/_cot_fewshot_template_yaml", "").read_text())
+    names = ["hyperbaton", "navigate", "date_understanding", "tracking_shuffled_objects_three_objects", "word_sorting"]
+    for name in names:
+        spec = yaml.safe_load(package_file("lm_eval", f"tasks/bbh/cot_fewshot/{name}.yaml", "").read_text())
+        del spec["include"], spec["dataset_name"]
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"input": _question(x), "target": x["answer"]}) + "\n"
+                                for x in task.items if x["subtask"] == name))
+        spec.update(task=f"local_{name}", dataset_path="json", dataset_kwargs={"data_files": {"test": str(data)}})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**template, **spec}))
+    tasks = get_task_dict([f"local_{n}" for n in names], TaskManager(include_path=str(tmp_path), include_defaults=False))
+    for name in names:
+        ours = [x["prompt"] for x in task.items if x["subtask"] == name]
+        theirs = [tasks[f"local_{name}"].fewshot_context(doc, num_fewshot=3) for doc in tasks[f"local_{name}"].test_docs()]
+        assert theirs == ours and len(ours) == 2
+
+    texts = ["So the answer is (B).", "no answer", "the answer is 3. Then the answer is 4.", "So the answer is yes.\nQ"]
+    extracted = list(RegexFilter(regex_pattern=template["filter_list"][0]["filter"][0]["regex_pattern"]).apply([texts], [{}]))[0]
+    assert [extract_answer(t) or "[invalid]" for t in texts] == extracted
+    assert template["generation_kwargs"]["until"] == STOP
