@@ -174,7 +174,7 @@ def test_prompts_and_answers_equal_lm_evals_own(tmp_path):
     prompts, and its get-answer filter extracts the same answers."""
     import yaml
     from lm_eval.filters.extraction import RegexFilter
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from gemmakit.eval.mc import package_file
 
@@ -189,7 +189,7 @@ def test_prompts_and_answers_equal_lm_evals_own(tmp_path):
                                 for x in task.items if x["subtask"] == name))
         spec.update(task=f"local_{name}", dataset_path="json", dataset_kwargs={"data_files": {"test": str(data)}})
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**template, **spec}))
-    tasks = get_task_dict([f"local_{n}" for n in names], TaskManager(include_path=str(tmp_path), include_defaults=False))
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False).load([f"local_{n}" for n in names])["tasks"]
     for name in names:
         ours = [x["prompt"] for x in task.items if x["subtask"] == name]
         theirs = [tasks[f"local_{name}"].fewshot_context(doc, num_fewshot=3) for doc in tasks[f"local_{name}"].test_docs()]

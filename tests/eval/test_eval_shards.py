@@ -47,7 +47,7 @@ def test_two_ranks_kill_resume_equal_one_process(tmp_path, tiny_lm):
     data = tmp_path / "mc.jsonl"
     words = "red green blue cat dog bird sun moon tree rock".split()
     with open(data, "w") as f:
-        for i in range(160):
+        for i in range(100):
             choices = [" ".join(words[(i + j + k) % 10] for k in range(3)) for j in range(4)]
             f.write(json.dumps({"question": f"the {words[i % 10]} of {i} is", "choices": choices, "answer": i % 4}) + "\n")
     lm = gemmakit.load(str(model), progress=False)
@@ -69,9 +69,8 @@ def test_two_ranks_kill_resume_equal_one_process(tmp_path, tiny_lm):
         rank1 = _rank_pid(proc.pid, 1)
         os.kill(rank1, signal.SIGSTOP)
         shard0 = Path(f"{out}.rank0-of-2.partial.jsonl")
-        while len(shard0.read_text().splitlines()) < 81 and proc.poll() is None and time.monotonic() < deadline:
+        while len(shard0.read_text().splitlines()) < 51 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(0.5)
         os.kill(rank1, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -83,7 +82,7 @@ def test_two_ranks_kill_resume_equal_one_process(tmp_path, tiny_lm):
     assert "local_rank: 1" in stderr  # torchrun's report names the rank that died
     assert not out.exists() and not list(tmp_path.glob(".partial-*"))
     finished = [json.loads(line) for line in shard1.read_text().splitlines()[1:] if line.endswith("}")]
-    assert 2 <= len(finished) < 80 and all(80 <= r["index"] < 160 for r in finished)
+    assert 2 <= len(finished) < 50 and all(50 <= r["index"] < 100 for r in finished)
 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..runtime.sampling import Sampling
+from .harness import mean_stderr
 from .mc import LETTERS, package_file
 from .task import Task, limit_items
 
@@ -93,17 +94,16 @@ def read_task_files(path: str | os.PathLike | None) -> dict[str, dict]:
         raise DataError(f"bbh reads BIG-bench's task files: {DOWNLOAD}, then --data bigbench-1.0.0.tar.gz")
     path = Path(path)
     wanted = {f"{s.source}/task.json": s.source for s in SUBTASKS.values()}
-    found: dict[str, bytes] = {}
+    found: dict[str, tuple[str, bytes]] = {}  # source -> (where it was read, its bytes)
     if path.is_file():
         try:
             with tarfile.open(path, "r:*") as tar:
                 for member in tar:  # one pass: the sdist is 358 MB, gzipped
                     rest = member.name.partition("benchmark_tasks/")[2]
                     if member.isfile() and rest in wanted:
-                        found[wanted[rest]] = tar.extractfile(member).read()
+                        found[wanted[rest]] = (f"{path}:{member.name}", tar.extractfile(member).read())
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable bigbench sdist archive ({e})") from None
-        where = lambda source: f"{path}:.../benchmark_tasks/{source}/task.json"  # noqa: E731
     elif path.is_dir():
         roots = [p for p in (path, path / "benchmark_tasks", path / "bigbench" / "benchmark_tasks",
                              *path.glob("bigbench-*/bigbench/benchmark_tasks")) if (p / "navigate").is_dir()]
@@ -111,8 +111,7 @@ def read_task_files(path: str | os.PathLike | None) -> dict[str, dict]:
             raise DataError(f"{path}: no BIG-bench benchmark_tasks folder in it; {DOWNLOAD} gives the archive")
         for rest, source in wanted.items():
             if (roots[0] / rest).is_file():
-                found[source] = (roots[0] / rest).read_bytes()
-        where = lambda source: roots[0] / source / "task.json"  # noqa: E731
+                found[source] = (str(roots[0] / rest), (roots[0] / rest).read_bytes())
     else:
         raise DataError(f"{path}: no such file or folder; {DOWNLOAD} gives BIG-bench's task files")
     missing = [s for s in wanted.values() if s not in found]
@@ -120,13 +119,13 @@ def read_task_files(path: str | os.PathLike | None) -> dict[str, dict]:
         raise DataError(f"{path}: missing the BIG-bench task file of {missing[0]} "
                         f"({len(missing)} of {len(wanted)} missing); {DOWNLOAD} gives them all")
     out = {}
-    for source, raw in found.items():
+    for source, (where, raw) in found.items():
         try:
             task = json.loads(raw)
         except ValueError as e:
-            raise DataError(f"{where(source)}: not valid JSON ({e})") from None
+            raise DataError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
-            raise DataError(f"{where(source)}: no 'examples' list")
+            raise DataError(f"{where}: no 'examples' list")
         out[source] = task
     return out
 
@@ -199,12 +198,12 @@ def _tidy(text: str) -> str:
 class BBH(Task):
     name = "bbh-sources"
     primary = "exact_match"
+    metric_keys = ("exact_match",)
 
     def __init__(self, lm, items: list[dict], settings: dict, max_new_tokens: int, batch_size: int):
         super().__init__(items, settings)
         self.lm, self.max_new_tokens, self.batch_size = lm, max_new_tokens, batch_size
         self.subtasks = list(dict.fromkeys(x["subtask"] for x in items))
-        self.metric_keys = ("exact_match",)
 
     def score(self, items: list[dict]) -> list[dict]:
         outs = self.lm.generate([x["prompt"] for x in items], max_new_tokens=self.max_new_tokens,
@@ -218,8 +217,6 @@ class BBH(Task):
         return records
 
     def summarize(self, records: list[dict]) -> dict:
-        from .harness import mean_stderr
-
         out = super().summarize(records)  # over items, as lm-eval's bbh group (weight_by_size)
         for sub in self.subtasks:
             value, stderr = mean_stderr([r["exact_match"] for r in records if r["subtask"] == sub])
