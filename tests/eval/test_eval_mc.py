@@ -173,5 +173,5 @@ def test_mmlu_per_subject_slice_skips_the_fewshot_examples(tiny_lm, tmp_path):
     assert len(mmlu(tiny_lm, shots=5, per_subject=3).items) == 57 * 3
     with pytest.raises(DataError, match="per_subject"):
         make_task(tiny_lm, "mmlu", data=[data], per_subject=0)
-    with pytest.raises(DataError, match="mmlu only"):
+    with pytest.raises(DataError, match="mmlu and bbh only"):
         make_task(tiny_lm, "mc", data=[data], per_subject=2)

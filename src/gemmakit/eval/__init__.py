@@ -11,7 +11,7 @@ import os
 from ..errors import DataError
 from .harness import evaluate, mean_stderr
 
-TASKS = ("mmlu", "mc", "gsm8k", "humaneval", "perplexity", "memorization")
+TASKS = ("mmlu", "mc", "gsm8k", "humaneval", "perplexity", "memorization", "bbh")
 
 __all__ = ["run", "make_task", "evaluate", "mean_stderr", "TASKS"]
 
@@ -20,13 +20,14 @@ def make_task(lm, task: str, shots: int | None = None, limit: int | None = None,
               samples: int = 1, temperature: float | None = None, max_new_tokens: int | None = None,
               batch_size: int = 8, seed: int = 0, per_subject: int | None = None):
     """The task named `task` over its data; `data` is a file list for mc, perplexity and memorization,
-    or replaces the packaged set of mmlu, gsm8k and humaneval; per_subject slices mmlu (see mc.mmlu)."""
-    from . import gsm8k, humaneval, mc, memorization, perplexity
+    the bigbench sdist (or its files) for bbh, or replaces the packaged set of mmlu, gsm8k and
+    humaneval; per_subject slices mmlu and bbh (see mc.mmlu, bbh.bbh)."""
+    from . import bbh, gsm8k, humaneval, mc, memorization, perplexity
 
     if lm.tokenizer is None:
         raise DataError(f"task {task!r} needs a model with a tokenizer (pass --tokenizer / tokenizer=)")
-    if per_subject is not None and task != "mmlu":
-        raise DataError(f"per_subject (--per-subject) slices mmlu only, not {task!r}")
+    if per_subject is not None and task not in ("mmlu", "bbh"):
+        raise DataError(f"per_subject (--per-subject) slices mmlu and bbh only, not {task!r}")
     files = [os.fspath(f) for f in data or []]
     one = files[0] if files else None
     gen = {k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None}
@@ -43,11 +44,20 @@ def make_task(lm, task: str, shots: int | None = None, limit: int | None = None,
         return humaneval.humaneval(lm, limit=limit, path=one, samples=samples, batch_size=batch_size, seed=seed, **gen)
     if task == "perplexity":
         return perplexity.perplexity(lm, files, limit=limit)
+    if task == "bbh":
+        if len(files) > 1:
+            raise DataError("bbh reads one bigbench sdist or folder: --data bigbench-1.0.0.tar.gz")
+        return bbh.bbh(lm, one, shots=3 if shots is None else shots, limit=limit, per_subject=per_subject,
+                       batch_size=batch_size, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
     if task == "memorization":
         return memorization.memorization(lm, files, limit=limit, batch_size=batch_size)
     raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-def run(lm, task: str, output: str | os.PathLike | None = None, progress: bool = True, **options) -> dict:
-    """Builds the task (see make_task for the options) and evaluates it; the results dict."""
-    return evaluate(lm, make_task(lm, task, **options), output=output, progress=progress)
+def run(lm, task: str, output: str | os.PathLike | None = None, progress: bool = True, shards=None,
+        **options) -> dict | None:
+    """Builds the task (see make_task for the options) and evaluates it; the results dict (None on
+    ranks other than 0 when `shards`, from shards.join(), splits the items over processes)."""
+    from .shards import Shards
+
+    return evaluate(lm, make_task(lm, task, **options), output=output, progress=progress, shards=shards or Shards())
