@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     final = _full_model(model, module, config, world, cfg)
     if world.main:
         if cfg.lora_rank > 0:
-            lora.save_adapter(final, out / "adapter")
+            lora.save_adapter(final, out / "adapter", base_model=cfg.model)
             final = lora.merge(final)
         save_model(LM(final.float().eval(), tok), out, progress=cfg.progress)
     _barrier(world)
