@@ -13,7 +13,6 @@ restart at each document and attention stays inside it (`collate(..., clean=True
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -263,7 +262,7 @@ class Batch:
     segments: torch.Tensor | None = None  # (B, T), each token's document; None: a row attends as one
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) if t is not None else None for t in dataclasses.astuple(self)))
+        return Batch(**{name: t.to(device) if t is not None else None for name, t in vars(self).items()})
 
 
 def collate(sources: list[TokenRows], picks: np.ndarray, clean: bool = False) -> Batch:

@@ -66,10 +66,11 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 # peft wraps a transformers *ForCausalLM, whose decoder is `model`: adapter tensors are named
-# `base_model.model.` + the decoder's module name + `.lora_A.weight` (and lora_B). A Gemma 3
-# multimodal model's text decoder is `model.language_model` in memory, `language_model.model` on disk.
+# `base_model.model.model.` + the decoder's module name + `.lora_A.weight` (and lora_B). On a Gemma 3
+# multimodal model the text decoder is `model.language_model` (transformers 5) or
+# `language_model.model` (transformers 4), which we read too.
 HF_PREFIX = "base_model.model.model."
-_READ_PREFIXES = tuple("base_model.model." + p for p in (*hf._MULTIMODAL_PREFIXES, *hf._TEXT_PREFIXES))
+_READ_PREFIXES = ("base_model.model.model.language_model.", "base_model.model.language_model.model.", HF_PREFIX)
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # adapter_config.json settings whose non-default values gemmakit cannot put on a Gemma.
 _UNSUPPORTED = {"modules_to_save": None, "trainable_token_indices": None, "layer_replication": None,
