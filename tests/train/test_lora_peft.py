@@ -132,6 +132,8 @@ BAD = {
     "not lora": (lambda f: edit_config(f, peft_type="IA3"), "adapter_config.json: peft_type is 'IA3'"),
     "rank 0": (lambda f: edit_config(f, r=0), "adapter_config.json: r must be a positive number, got 0"),
     "alpha": (lambda f: edit_config(f, lora_alpha="big"), "adapter_config.json: lora_alpha must be a positive number"),
+    "alpha pattern": (lambda f: edit_config(f, alpha_pattern={"q_proj(": 2}),
+                      r"adapter_config.json: alpha_pattern key 'q_proj\(' is not a regular expression"),
     "saved modules": (lambda f: edit_config(f, modules_to_save=["lm_head"]),
                       r"adapter_config.json: modules_to_save is \['lm_head'\]"),
     "dora": (lambda f: edit_config(f, use_dora=True), "adapter_config.json: use_dora is True"),

@@ -120,13 +120,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     settings = _read_settings(config_path)
     state = _read_tensors(weights_path, model)
 
-    from peft.utils.other import get_pattern_key
-
     ranks = {name.partition(".lora_")[0]: int(t.shape[0]) for name, t in state.items() if name.endswith("lora_A.weight")}
     names = _hf_modules(model.config)
     alpha_pattern = settings.get("alpha_pattern") or {}
-    alphas = {m: alpha_pattern.get(get_pattern_key(alpha_pattern, "model." + names[m]), settings["lora_alpha"])
-              for m in ranks}
+    # peft's own lookup: the first pattern that matches the end of the module's name in transformers.
+    alphas = {m: next((a for key, a in alpha_pattern.items() if re.match(rf"(.*\.)?({key})$", "model." + names[m])),
+                      settings["lora_alpha"]) for m in ranks}
     config = peft.LoraConfig(
         r=settings["r"], lora_alpha=settings["lora_alpha"], target_modules=sorted(ranks), bias="none",
         use_rslora=bool(settings.get("use_rslora")),
@@ -153,6 +152,11 @@ def _read_settings(path: Path) -> dict:
     alphas = settings.get("alpha_pattern") or {}
     if not isinstance(alphas, dict) or not all(is_number(a) and a > 0 for a in alphas.values()):
         raise CheckpointError(f"{path}: alpha_pattern must map module names to positive numbers, got {alphas!r}")
+    for key in alphas:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise CheckpointError(f"{path}: alpha_pattern key {key!r} is not a regular expression ({e})") from None
     for field, default in _UNSUPPORTED.items():
         if settings.get(field, default) not in (default, [], {}):
             raise CheckpointError(f"{path}: {field} is {settings[field]!r}; gemmakit supports only {default!r}")
