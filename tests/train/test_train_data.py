@@ -53,7 +53,9 @@ def test_collate_masks_targets(tmp_path):
     mask = np.zeros((2, 9), np.bool_)
     mask[0, 3:6] = True
     rows = data.TokenRows(tokens, mask, 1.0, "x")
-    x, y = data.collate([rows], np.array([[0, 0]]))
+    batch = data.collate([rows], np.array([[0, 0]]))
+    x, y = batch.inputs, batch.targets
+    assert batch.positions is None and batch.segments is None
     assert x.tolist() == [list(range(8))]
     assert y.tolist() == [[data.IGNORE, data.IGNORE, 3, 4, 5] + [data.IGNORE] * 3]
 

@@ -182,7 +182,8 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None, logits: bool = True, hidden: bool = False) -> torch.Tensor | None:
+                targets: torch.Tensor | None = None, logits: bool = True, hidden: bool = False,
+                segments: torch.Tensor | None = None) -> torch.Tensor | None:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with targets (B, T),
         the summed cross-entropy instead (float32 scalar; targets of -100 carry no loss);
         logits=False: None, for a prefill that only fills the cache (the output layer is the
@@ -191,6 +192,9 @@ class Gemma(nn.Module):
 
         positions (B, T) are absolute; each row may have its own. With a cache, the new keys and
         values are written into it and attention reads the whole cache, masked by position.
+
+        segments (B, T), training rows that pack several documents: each token's document; a token
+        attends only within its own (positions should then restart in each: data.collate's).
         """
         c = self.config
         B, T = tokens.shape
@@ -199,7 +203,9 @@ class Gemma(nn.Module):
         x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype)
 
         # Without a cache, from position 0 and within the window, attention is plainly causal.
-        plain_causal = positions is None and cache is None and c.attn_logit_softcap is None
+        plain_causal = positions is None and cache is None and segments is None and c.attn_logit_softcap is None
+        if segments is not None and cache is not None:
+            raise ValueError("segments are for a forward without a KV cache (packed training rows)")
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         slots = cache.record(positions) if cache is not None else None
@@ -213,7 +219,7 @@ class Gemma(nn.Module):
                 masks[kind] = None  # SDPA's own causal kernel, see Attention
             else:
                 kv_pos = cache.positions(kind) if cache is not None else positions  # (B, S)
-                masks[kind] = attention_mask(kind, positions, kv_pos, c.sliding_window, G)  # (B, 1, G*T, S)
+                masks[kind] = attention_mask(kind, positions, kv_pos, c.sliding_window, G, segments)  # (B, 1, G*T, S)
 
         for blk in self.layers:
             x = blk(x, ropes[blk.kind], masks[blk.kind], cache, slots)

@@ -48,6 +48,9 @@ def register(sub) -> None:
         p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast: weights and AdamW stay float32; the fastest "
                        "mode where the CPU has AMX or AVX512-BF16, or on a GPU")
         p.add_argument("--activation-checkpointing", action="store_true", default=None)
+        p.add_argument("--clean-packing", action=argparse.BooleanOptionalAction, default=None,
+                       help="documents packed into one row restart their positions and attend only to themselves "
+                            f"(default: {'on' if sft else 'off'})")
         p.add_argument("--compile", action="store_true", default=None, help="torch.compile the forward (faster steps)")
         p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
         p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from .loop import TrainConfig, train
 
     values = read_config_file(args.config) if args.config else {}
-    for name in ["model", "data", "out", "lora_targets", "bf16", "activation_checkpointing", "compile", "resume", "progress",
+    for name in ["model", "data", "out", "lora_targets", "bf16", "activation_checkpointing", "clean_packing", "compile", "resume", "progress",
                  *FLAGS]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)

@@ -5,6 +5,10 @@ optional weight (`path:2.5`). Each source is tokenized once into a memory-mapped
 rows, so a corpus is never held in RAM; the last `val_fraction` of each source's rows is held out.
 Batches come from an order fixed by the seed: sample i of the run is the same on every run, on
 every number of processes, and after a resume.
+
+Each token file has a segments file beside it: the document (text) or conversation (chat) each
+token belongs to, numbered from 0 within its row, so that a batch can be packed cleanly: positions
+restart at each document and attention stays inside it (`collate(..., clean=True)`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -98,26 +103,38 @@ def documents(spec: SourceSpec, field: str = "text", files: list[Path] | None = 
 
 
 # -- token files -------------------------------------------------------------------------------------
+FORMAT = 2  # of the token files; part of their names, so that files of an older layout are rebuilt
+
+
 @dataclass
 class TokenRows:
-    """One source on disk: rows of seq_len + 1 token ids, and (chat data) which of them carry loss."""
+    """One source on disk: rows of seq_len + 1 token ids, (chat data) which of them carry loss, and
+    which document each token is in."""
     tokens: np.ndarray  # (N, seq_len + 1) uint32, memory-mapped
     loss_mask: np.ndarray | None  # (N, seq_len + 1) bool, memory-mapped; None: every position counts
     weight: float
     name: str
+    segments: np.ndarray | None = None  # (N, seq_len + 1), memory-mapped, 0.. within a row; None: one document a row
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.tokens[i], (self.loss_mask[i] if self.loss_mask is not None else None)
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        return (self.tokens[i], self.loss_mask[i] if self.loss_mask is not None else None,
+                self.segments[i] if self.segments is not None else None)
 
 
-def _open_rows(stem: Path, seq_len: int, masked: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _segment_dtype(seq_len: int) -> type:
+    return np.uint16 if seq_len < 2**16 - 1 else np.uint32  # a row holds at most seq_len + 1 documents
+
+
+def _open_rows(stem: Path, seq_len: int, masked: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     n = os.path.getsize(stem.with_suffix(".tokens")) // (4 * (seq_len + 1))
-    tokens = np.memmap(stem.with_suffix(".tokens"), dtype=np.uint32, mode="r", shape=(n, seq_len + 1))
-    mask = np.memmap(stem.with_suffix(".mask"), dtype=np.bool_, mode="r", shape=(n, seq_len + 1)) if masked else None
-    return tokens, mask
+    shape = (n, seq_len + 1)
+    tokens = np.memmap(stem.with_suffix(".tokens"), dtype=np.uint32, mode="r", shape=shape)
+    mask = np.memmap(stem.with_suffix(".mask"), dtype=np.bool_, mode="r", shape=shape) if masked else None
+    segments = np.memmap(stem.with_suffix(".segments"), dtype=_segment_dtype(seq_len), mode="r", shape=shape)
+    return tokens, mask, segments
 
 
 def pack_text(spec: SourceSpec, encode: Callable[[str], list[int]], eos_id: int, seq_len: int, cache: Path,
@@ -126,51 +143,62 @@ def pack_text(spec: SourceSpec, encode: Callable[[str], list[int]], eos_id: int,
     by <eos>, cut into consecutive rows (the last token of a row is the first of the next, so every
     token is a target once). Tokenized once; later runs reuse the file."""
     files = spec.files()
-    stem = cache / f"text-{fingerprint(files, {'seq_len': seq_len, 'seed': seed, 'tok': tokenizer_key})}"
+    stem = cache / f"text-{fingerprint(files, {'seq_len': seq_len, 'seed': seed, 'tok': tokenizer_key, 'format': FORMAT})}"
     if not stem.with_suffix(".tokens").exists():
-        with atomic_path(stem.with_suffix(".tokens")) as tmp:
+        # The segments file is renamed into place first: the tokens file marks the pair done.
+        with atomic_path(stem.with_suffix(".tokens")) as tmp, atomic_path(stem.with_suffix(".segments")) as tmp_seg:
             carry: list[int] = []
-            n_rows = 0
+            docs: list[int] = []  # the document number of each token in carry
+            n_rows = n_docs = 0
             # Files are shuffled, then streamed one document at a time: the held-out tail is a
             # random set of files, and the corpus never sits in memory.
             shuffled = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-            with open(tmp, "wb") as f:
+            window = partial(np.lib.stride_tricks.sliding_window_view, window_shape=seq_len + 1)
+            with open(tmp, "wb") as f, open(tmp_seg, "wb") as f_seg:
                 for _, text in tqdm(documents(spec, files=shuffled), desc=f"tokenizing {spec.pattern}", unit="doc",
                                     disable=not progress, leave=False):
-                    carry += encode(text) + [eos_id]
+                    ids = encode(text) + [eos_id]
+                    carry += ids
+                    docs += [n_docs] * len(ids)
+                    n_docs += 1
                     n_full = (len(carry) - 1) // seq_len
                     if n_full:
-                        rows = np.lib.stride_tricks.sliding_window_view(np.asarray(carry, np.uint32), seq_len + 1)[::seq_len][:n_full]
-                        rows.tofile(f)
+                        window(np.asarray(carry, np.uint32))[::seq_len][:n_full].tofile(f)
+                        rows_doc = window(np.asarray(docs, np.int64))[::seq_len][:n_full]
+                        (rows_doc - rows_doc[:, :1]).astype(_segment_dtype(seq_len)).tofile(f_seg)
                         n_rows += n_full
-                        carry = carry[n_full * seq_len:]
+                        carry, docs = carry[n_full * seq_len:], docs[n_full * seq_len:]
             if n_rows == 0:
                 raise DataError(f"{spec.pattern}: {len(carry)} tokens, fewer than one sequence of {seq_len + 1}; "
                                 "use more data or a smaller --seq-len")
-    tokens, _ = _open_rows(stem, seq_len, masked=False)
-    return TokenRows(tokens, None, spec.weight, spec.pattern)
+    tokens, _, segments = _open_rows(stem, seq_len, masked=False)
+    return TokenRows(tokens, None, spec.weight, spec.pattern, segments)
 
 
 def pack_chats(spec: SourceSpec, render: Callable[[object, str], tuple[list[int], list[bool]]], pad_id: int,
                seq_len: int, cache: Path, tokenizer_key: str = "", progress: bool = True) -> TokenRows:
     """A chat source as rows of seq_len + 1 tokens: whole conversations packed greedily, in file
-    order, padded at the end of a row; `render` gives each conversation's ids and loss mask."""
+    order, padded at the end of a row; `render` gives each conversation's ids and loss mask. The
+    padding is a segment of its own."""
     files = spec.files()
-    stem = cache / f"chat-{fingerprint(files, {'seq_len': seq_len, 'tok': tokenizer_key})}"
+    stem = cache / f"chat-{fingerprint(files, {'seq_len': seq_len, 'tok': tokenizer_key, 'format': FORMAT})}"
     if not stem.with_suffix(".tokens").exists():
         cache.mkdir(parents=True, exist_ok=True)
         rows_t: list[np.ndarray] = []
         rows_m: list[np.ndarray] = []
+        rows_s: list[np.ndarray] = []
         row_t: list[int] = []
         row_m: list[bool] = []
+        row_s: list[int] = []
 
         def flush() -> None:
-            nonlocal row_t, row_m
+            nonlocal row_t, row_m, row_s
             if row_t:
                 pad = seq_len + 1 - len(row_t)
                 rows_t.append(np.asarray(row_t + [pad_id] * pad, np.uint32))
                 rows_m.append(np.asarray(row_m + [False] * pad, np.bool_))
-                row_t, row_m = [], []
+                rows_s.append(np.asarray(row_s + [row_s[-1] + 1] * pad, _segment_dtype(seq_len)))
+                row_t, row_m, row_s = [], [], []
 
         for where, messages in tqdm(documents(spec, field="messages"), desc=f"rendering {spec.pattern}", unit="chat",
                                     disable=not progress, leave=False):
@@ -180,16 +208,17 @@ def pack_chats(spec: SourceSpec, render: Callable[[object, str], tuple[list[int]
                                 f"({seq_len + 1}); raise --seq-len or shorten it")
             if len(row_t) + len(ids) > seq_len + 1:
                 flush()
+            row_s += [row_s[-1] + 1 if row_s else 0] * len(ids)
             row_t += ids
             row_m += mask
         flush()
         if not rows_t:
             raise DataError(f"{spec.pattern}: no conversations")
-        for suffix, rows in ((".mask", rows_m), (".tokens", rows_t)):  # the tokens last: they mark the pair done
+        for suffix, rows in ((".mask", rows_m), (".segments", rows_s), (".tokens", rows_t)):  # the tokens last: they mark the set done
             with atomic_path(stem.with_suffix(suffix)) as tmp:
                 np.stack(rows).tofile(tmp)
-    tokens, mask = _open_rows(stem, seq_len, masked=True)
-    return TokenRows(tokens, mask, spec.weight, spec.pattern)
+    tokens, mask, segments = _open_rows(stem, seq_len, masked=True)
+    return TokenRows(tokens, mask, spec.weight, spec.pattern, segments)
 
 
 # -- splits, order and batches ---------------------------------------------------------------------
@@ -225,12 +254,33 @@ def sample_order(sources: list[TokenRows], train_rows: list[range], n_samples: i
     return order
 
 
-def collate(sources: list[TokenRows], picks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source, row) pairs -> inputs (B, T) and targets (B, T), IGNORE where no loss is taken."""
-    rows, masks = zip(*(sources[s].row(r) for s, r in picks))
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) token ids
+    targets: torch.Tensor  # (B, T), IGNORE where no loss is taken
+    positions: torch.Tensor | None = None  # (B, T), restarting at 0 in each document; None: 0..T-1
+    segments: torch.Tensor | None = None  # (B, T), each token's document; None: a row attends as one
+
+    def to(self, device) -> Batch:
+        return Batch(**{name: t.to(device) if t is not None else None for name, t in vars(self).items()})
+
+
+def collate(sources: list[TokenRows], picks: np.ndarray, clean: bool = False) -> Batch:
+    """(source, row) pairs -> a batch. clean: each document of a row (conversation, or text
+    document) gets positions from 0 and its own segment, so that it attends only to itself, as if
+    it were trained alone."""
+    rows, masks, segs = zip(*(sources[s].row(r) for s, r in picks))
     tokens = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
     targets = tokens[:, 1:].clone()
     if any(m is not None for m in masks):
         mask = torch.from_numpy(np.stack([m if m is not None else np.ones_like(r, np.bool_) for r, m in zip(rows, masks)]))
         targets[~mask[:, 1:]] = IGNORE
-    return tokens[:, :-1], targets
+    if not clean:
+        return Batch(tokens[:, :-1], targets)
+    segments = torch.from_numpy(np.stack([s if s is not None else np.zeros(len(r), np.int64) for r, s in zip(rows, segs)])
+                                .astype(np.int64))[:, :-1]  # (B, T)
+    index = torch.arange(segments.shape[1]).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # where each token's document starts
+    return Batch(tokens[:, :-1], targets, index - first, segments)

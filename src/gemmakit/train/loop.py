@@ -41,6 +41,7 @@ class TrainConfig:
     data: list[str]  # sources: file, folder or glob, optionally 'path:weight'
     out: str
     sft: bool = False  # chat JSONL of `messages`, loss on the model's turns only
+    clean_packing: bool | None = None  # documents packed in a row attend apart; None: on for sft, off for pretraining
     max_steps: int = 1000
     seq_len: int = 256
     batch_size: int = 8  # sequences per micro-batch on each process
@@ -86,6 +87,10 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         self.betas = tuple(self.betas)
+        if self.clean_packing is None:
+            self.clean_packing = self.sft
+        if not isinstance(self.clean_packing, bool):
+            raise ConfigError(f"clean_packing must be true or false, got {self.clean_packing!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -229,6 +234,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     meta = {"config": config.to_dict(),
             "run": {"data": list(cfg.data), "seq_len": cfg.seq_len, "global_batch": per_step, "seed": cfg.seed,
                     "val_fraction": cfg.val_fraction, "max_steps": cfg.max_steps, "sft": cfg.sft,
+                    "clean_packing": cfg.clean_packing,
                     "lora_rank": cfg.lora_rank, "lora_targets": sorted(cfg.lora_targets) if cfg.lora_rank else []}}
     start = 0
     found = state.checkpoints(ckpt_dir) if cfg.resume else []
@@ -252,10 +258,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         total = count = 0.0
         with torch.no_grad():
             for i in range(0, len(mine), cfg.batch_size):
-                x, y = data.collate(sources, mine[i: i + cfg.batch_size])
+                batch = data.collate(sources, mine[i: i + cfg.batch_size], cfg.clean_packing)
                 with autocast():
-                    total += float(forward(x.to(world.device), targets=y.to(world.device)))
-                count += int((y != data.IGNORE).sum())
+                    total += float(_loss(forward, batch.to(world.device)))
+                count += int((batch.targets != data.IGNORE).sum())
         model.train()
         return distributed.all_sum(total, world) / max(1.0, distributed.all_sum(count, world))
 
@@ -270,17 +276,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     for step in range(start, cfg.max_steps):
         picks = order[step * per_step: (step + 1) * per_step]
         micro = [picks[(m * world.size + world.rank) * cfg.batch_size:][: cfg.batch_size] for m in range(cfg.grad_accum)]
-        batches = [data.collate(sources, p) for p in micro]
+        batches = [data.collate(sources, p, cfg.clean_packing) for p in micro]
         # Every step's loss is the mean over all its target tokens, however they are split over
         # micro-batches and processes: the sum over each piece divided by the global count.
-        n_targets = distributed.all_sum(sum(int((y != data.IGNORE).sum()) for _, y in batches), world)
+        n_targets = distributed.all_sum(sum(int((b.targets != data.IGNORE).sum()) for b in batches), world)
         step_loss = 0.0
-        for m, (x, y) in enumerate(batches):
+        for m, batch in enumerate(batches):
             last = m == len(batches) - 1
             sync = model.no_sync() if world.size > 1 and not last and hasattr(model, "no_sync") else contextlib.nullcontext()
             with sync:
                 with autocast():
-                    piece = forward(x.to(world.device), targets=y.to(world.device))  # summed loss
+                    piece = _loss(forward, batch.to(world.device))  # summed
                 # DDP and FSDP average gradients over processes; the world size undoes that.
                 (piece * (world.size / max(n_targets, 1.0))).backward()
             step_loss += float(piece.detach())
@@ -318,11 +324,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     final = _full_model(model, module, config, world, cfg)
     if world.main:
         if cfg.lora_rank > 0:
-            lora.save_adapter(final, out / "adapter")
+            lora.save_adapter(final, out / "adapter", base_model=cfg.model)
             final = lora.merge(final)
         save_model(LM(final.float().eval(), tok, metadata=base_meta), out, progress=cfg.progress)
     _barrier(world)
     return Result(out, cfg.max_steps, losses, val_loss)
+
+
+def _loss(forward, batch: data.Batch) -> torch.Tensor:
+    """The summed cross-entropy of a batch's targets."""
+    return forward(batch.inputs, batch.positions, targets=batch.targets, segments=batch.segments)
 
 
 def _full_model(model, module: Gemma, config: GemmaConfig, world, cfg: TrainConfig) -> Gemma:
