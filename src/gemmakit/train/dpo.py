@@ -162,7 +162,7 @@ def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
     step_loss = objective(cfg, model, reference, tok.pad_id)
     result = fit(cfg, model, step_loss, train, held, out, f"{cfg.loss} (beta {cfg.beta:g})")
     if cfg.lora_rank > 0:
-        lora.save_adapter(model, out / "adapter")
+        lora.save_adapter(model, out / "adapter", base_model=str(cfg.model))
         model = lora.merge(model)
     save_model(LM(model.float().eval(), tok), out, progress=cfg.progress)
     return out, result

@@ -139,7 +139,7 @@ def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
         tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     result = fit(cfg, model, objective, train, held, out, "reward model")
     if cfg.lora_rank > 0:
-        lora.save_adapter(model.body, out / "adapter")
+        lora.save_adapter(model.body, out / "adapter", base_model=str(cfg.model))
         model.body = lora.merge(model.body)
     model.save(out, progress=cfg.progress)
     return out, result
