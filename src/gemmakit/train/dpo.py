@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..chat_template import ChatFormat
 from ..errors import ConfigError
 from ..lm import LM
 from ..model.loss import IGNORE
@@ -146,10 +147,10 @@ def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
     """Runs preference tuning; returns the output folder (a Hugging Face folder `gemmakit.load`
     reads, metrics.jsonl, curves.png, and adapter/ for LoRA) and the last held-out metrics."""
     out = check_out(cfg)
-    model, tok = _base_model(cfg)
+    model, tok, meta = _base_model(cfg)
     if tok is None:
         raise ConfigError(f"{cfg.model} has no tokenizer; preference tuning needs one (--tokenizer)")
-    train, held = read_pairs(cfg, tok)
+    train, held = read_pairs(cfg, ChatFormat(tok, meta.chat_template))
     model = model.to(cfg.device)
     reference = None
     if cfg.loss != "simpo":
@@ -164,5 +165,5 @@ def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
     if cfg.lora_rank > 0:
         lora.save_adapter(model, out / "adapter", base_model=str(cfg.model))
         model = lora.merge(model)
-    save_model(LM(model.float().eval(), tok), out, progress=cfg.progress)
+    save_model(LM(model.float().eval(), tok, metadata=meta), out, progress=cfg.progress)
     return out, result

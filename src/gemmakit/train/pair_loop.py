@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..chat_template import ChatFormat
 from ..errors import ConfigError, DataError
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
@@ -85,7 +86,7 @@ def check_out(cfg: PairConfig) -> Path:
     return out
 
 
-def read_pairs(cfg: PairConfig, tok: Tokenizer) -> tuple[list[pairs.Pair], list[pairs.Pair]]:
+def read_pairs(cfg: PairConfig, tok: ChatFormat | Tokenizer) -> tuple[list[pairs.Pair], list[pairs.Pair]]:
     """(training pairs, held-out pairs), every line checked before anything trains."""
     train = pairs.read(cfg.data, tok, cfg.max_len)
     if cfg.eval_data is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat_template import ChatFormat
 from ..errors import DataError
 from ..model.loss import IGNORE
 from ..tokenizer import Tokenizer
@@ -43,16 +44,20 @@ def _answer(value: object, where: str, field: str) -> str:
     return value
 
 
-def render(tokenizer: Tokenizer, prompt: str | list[dict], answer: str, where: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one answer to a prompt (see the module docstring)."""
+def render(chat: ChatFormat | Tokenizer, prompt: str | list[dict], answer: str,
+           where: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one answer to a prompt (see the module docstring); chat: the
+    model's ChatFormat (its checkpoint's template), or a Tokenizer for Gemma's built-in one."""
+    chat = chat if isinstance(chat, ChatFormat) else ChatFormat(chat)
+    tokenizer = chat.tokenizer
     if isinstance(prompt, str):
         return tokenizer.encode(prompt), tokenizer.encode(answer, add_bos=False) + [tokenizer.eos_id]
-    ids, mask = conversations.render(tokenizer, [*prompt, {"role": "model", "content": answer}], where)
-    n_prompt = len(tokenizer.chat_ids(prompt, add_generation_prompt=True))
+    ids, mask = conversations.render(chat, [*prompt, {"role": "model", "content": answer}], where)
+    n_prompt = len(chat.chat_ids(prompt, add_generation_prompt=True))
     return ids[:n_prompt], [t for t, m in zip(ids[n_prompt:], mask[n_prompt:]) if m]
 
 
-def parse(record: object, tokenizer: Tokenizer, where: str) -> Pair:
+def parse(record: object, tokenizer: ChatFormat | Tokenizer, where: str) -> Pair:
     if not isinstance(record, dict):
         raise DataError(f"{where}: a JSON object with 'prompt' (or 'messages'), 'chosen' and 'rejected' was expected")
     has_prompt, has_messages = "prompt" in record, "messages" in record
@@ -76,7 +81,7 @@ def parse(record: object, tokenizer: Tokenizer, where: str) -> Pair:
     return Pair(tuple(prompt_ids), tuple(chosen_ids), tuple(rejected_ids), where)
 
 
-def read(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[Pair]:
+def read(path: str | Path, tokenizer: ChatFormat | Tokenizer, max_len: int) -> list[Pair]:
     """Every pair of a JSONL file, checked and tokenized; the first bad line fails the whole file
     (nothing is trained on a file half read)."""
     path = Path(path)

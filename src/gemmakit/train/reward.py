@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..chat_template import ChatFormat
+from ..checkpoints.metadata import Metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.gemma import Gemma
 from ..paths import atomic_path
@@ -37,12 +39,14 @@ HEAD = "reward_head.safetensors"
 
 
 class RewardModel(nn.Module):
-    def __init__(self, body: Gemma, tokenizer: Tokenizer | None = None):
+    def __init__(self, body: Gemma, tokenizer: Tokenizer | None = None, metadata: Metadata | None = None):
         super().__init__()
         self.body = body
         self.head = nn.Linear(body.config.d_model, 1, bias=False)
         nn.init.normal_(self.head.weight, std=body.config.d_model ** -0.5)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.metadata = tokenizer, metadata or Metadata()
+        # prompts are rendered with the checkpoint's own chat template, as its training pairs were
+        self.format = ChatFormat(tokenizer, self.metadata.chat_template) if tokenizer is not None else None
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens (B, T), right-padded, and each row's length (B,) -> scores (B,) float32."""
@@ -59,7 +63,7 @@ class RewardModel(nn.Module):
             raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
         rows = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            prompt_ids, completion_ids = pairs.render(self.tokenizer, prompt, completion, f"completion {i}")
+            prompt_ids, completion_ids = pairs.render(self.format, prompt, completion, f"completion {i}")
             rows.append(prompt_ids + completion_ids)
         was_training = self.training
         self.eval()
@@ -82,7 +86,7 @@ class RewardModel(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(LM(self.body.float().eval(), self.tokenizer), folder, progress=progress)
+        save_model(LM(self.body.float().eval(), self.tokenizer, metadata=self.metadata), folder, progress=progress)
         with atomic_path(folder / HEAD) as tmp:
             save_file({"weight": self.head.weight.detach().float().cpu().contiguous()}, str(tmp))
         return folder
@@ -97,7 +101,7 @@ class RewardModel(nn.Module):
         if not (folder / HEAD).is_file():
             raise CheckpointError(f"{folder}: no {HEAD} here; not a gemmakit reward model")
         lm = load(folder, quantize=None, compile=None, device=device, progress=False)
-        model = cls(lm.module, lm.tokenizer)
+        model = cls(lm.module, lm.tokenizer, lm.metadata)
         weight = load_file(str(folder / HEAD)).get("weight")
         if weight is None or tuple(weight.shape) != (1, lm.config.d_model):
             raise CheckpointError(f"{folder / HEAD}: expected a 'weight' of shape (1, {lm.config.d_model})")
@@ -120,12 +124,12 @@ def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
     """Trains a reward model; returns its folder (see RewardModel.save) and the last held-out
     metrics (val_loss, val_accuracy, val_margin)."""
     out = check_out(cfg)
-    body, tok = _base_model(cfg)
+    body, tok, meta = _base_model(cfg)
     if tok is None:
         raise ConfigError(f"{cfg.model} has no tokenizer; a reward model needs one (--tokenizer)")
-    train, held = read_pairs(cfg, tok)
     torch.manual_seed(cfg.seed)
-    model = RewardModel(body, tok)
+    model = RewardModel(body, tok, meta)
+    train, held = read_pairs(cfg, model.format)
     if cfg.lora_rank > 0:
         model.body = lora.add_lora(model.body, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
     model = model.to(cfg.device)
