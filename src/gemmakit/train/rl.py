@@ -292,8 +292,8 @@ def train_rl(cfg: RLConfig) -> Result:
             advantages = leave_one_out_advantages(scores).view(-1)
 
         n_global = cfg.batch_prompts * k
+        stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}  # summed over the updates
         for update in range(cfg.updates):
-            stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
             for c in chunks:
                 with autocast():
                     lp, mask = logprobs(model, rows[c], starts[c])
@@ -320,7 +320,7 @@ def train_rl(cfg: RLConfig) -> Result:
         sampled = distributed.all_sum(batch.completion_tokens, world)
         mean = reward_sum / n_global
         record = {"step": step + 1, "reward": mean, "reward_std": math.sqrt(max(0.0, reward_sq / n_global - mean ** 2)),
-                  "loss": totals["loss"] / n_global, "grad_norm": grad_norm,
+                  "loss": totals["loss"] / (n_global * cfg.updates), "grad_norm": grad_norm,
                   "completion_length": sampled / n_global, "clipped": totals["clipped"] / max(totals["tokens"], 1.0),
                   "rollout_tokens_per_s": sampled / distributed.all_sum(rollout_s, world) * world.size,
                   "step_s": time.perf_counter() - start}
