@@ -2,7 +2,8 @@
 a KL penalty to the reference policy, full or LoRA; on one process or many under torchrun.
 
 Each step: the step's prompts are split over the processes; each process samples k completions
-of each of its prompts with the engine on the policy's current weights (rollout.py), scores
+of each of its prompts with the engine on the policy's current weights (rollout.py; by default
+a bfloat16 copy of them, refreshed each step, as trl samples with vLLM in bfloat16), scores
 them (rewards.py), computes the advantages within each prompt's group, and takes the gradient
 of the loss (policy_gradient.py) through a training forward on the sampled tokens; gradients are
 summed over the processes, so a run's updates do not depend on how many processes share it.
@@ -70,7 +71,10 @@ class RLConfig:
     lr: float | None = None  # None: 1e-6 full, 1e-5 LoRA
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool = False  # bfloat16 autocast of the training forwards (rollouts stay in the weights' dtype)
+    bf16: bool = False  # bfloat16 autocast of the training forwards
+    # The engine's copy of the weights: "bfloat16", refreshed from the policy before each rollout
+    # (matmuls on AMX/AVX512-BF16 and GPUs several times float32's), or "float32": the policy's own tensors
+    rollout_dtype: str = "bfloat16"
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: list(lora.TARGETS))
@@ -100,6 +104,8 @@ class RLConfig:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
             raise ConfigError("epsilon and epsilon_high must be > 0")
+        if self.rollout_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"rollout_dtype must be float32 or bfloat16, got {self.rollout_dtype!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         self.stop = list(self.stop or [])
@@ -152,6 +158,23 @@ def _adapters_off(model: torch.nn.Module):
             m.enable_adapters(True)
 
 
+def _rollout_weights(model: torch.nn.Module, dtype: torch.dtype):
+    """The module the engine samples with, and a function that brings it up to date with the
+    policy: the policy itself in its own dtype; else a copy in `dtype` whose trainable
+    parameters are copied over (the frozen ones never change)."""
+    if dtype == model.dtype:
+        return model, lambda: None
+    copy_ = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    pairs = [(mine, theirs) for mine, theirs in zip(copy_.parameters(), model.parameters()) if theirs.requires_grad]
+
+    def refresh() -> None:
+        with torch.no_grad():
+            for mine, theirs in pairs:
+                mine.copy_(theirs)
+
+    return copy_, refresh
+
+
 def _sum_gradients(params: list[torch.Tensor], world) -> None:
     """Every process's gradients summed into each (one flat all-reduce)."""
     if world.size == 1:
@@ -199,6 +222,7 @@ def train_rl(cfg: RLConfig) -> Result:
     model = model.to(world.device).train()
     reference = reference.to(world.device) if reference is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
+    sampler, refresh = _rollout_weights(model, getattr(torch, cfg.rollout_dtype))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     autocast = partial(torch.autocast, world.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     vocab = min(model.config.vocab_size, tok.vocab_size)
@@ -218,7 +242,8 @@ def train_rl(cfg: RLConfig) -> Result:
         mine = picks[world.rank * share: (world.rank + 1) * share]
         chosen = [prompts[i] for i in mine]
         seeds = [[rollout.sample_seed(cfg.seed, step, i, j) for j in range(k)] for i in mine]
-        requests = rollout.generate(model, tok, chosen, k, cfg.max_new_tokens, sampling, seeds, cfg.stop)
+        refresh()
+        requests = rollout.generate(sampler, tok, chosen, k, cfg.max_new_tokens, sampling, seeds, cfg.stop)
         flat = [(p, r) for p, group in zip(chosen, requests) for r in group]
         fields = {name: [p.fields.get(name) for p, _ in flat] for name in {f for p in chosen for f in p.fields}}
         scores = reward([p.prompt for p, _ in flat], [r.text for _, r in flat], fields)
@@ -233,7 +258,8 @@ def train_rl(cfg: RLConfig) -> Result:
         mine = held[world.rank:: world.size]
         total = 0.0
         if mine:
-            requests = rollout.generate(model, tok, mine, 1, cfg.max_new_tokens, Sampling(), stop=cfg.stop,
+            refresh()
+            requests = rollout.generate(sampler, tok, mine, 1, cfg.max_new_tokens, Sampling(), stop=cfg.stop,
                                         max_batch=min(len(mine), 64))
             flat = [(p, group[0]) for p, group in zip(mine, requests)]
             fields = {name: [p.fields.get(name) for p, _ in flat] for name in {f for p in mine for f in p.fields}}

@@ -34,6 +34,8 @@ FLAGS = {  # field: (type, help); every RLConfig field a user sets from the comm
     "tokenizer": (str, "tokenizer.model/.json to use"),
     "lora_rank": (int, "LoRA rank (0: full fine-tuning)"),
     "lora_alpha": (float, "LoRA alpha (default: 2 * rank)"),
+    "rollout_dtype": (str, "the engine's copy of the weights: bfloat16 (the default; refreshed each step) or "
+                           "float32 (the policy's own tensors)"),
     "device": (str, "cpu or cuda"),
 }
 

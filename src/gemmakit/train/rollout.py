@@ -2,9 +2,10 @@
 own engine (runtime/engine.py: KV-cached continuous batching, one seeded generator per
 request, the prompt prefilled once and shared by its k samples through the prefix cache).
 
-The engine runs on the policy module itself, eagerly: every rollout sees the weights as the
-last optimizer step left them, with nothing to copy. A fresh engine each call, so that its
-prefix cache never serves keys and values computed with older weights.
+The engine runs eagerly on the module it is given: the policy itself, or a bfloat16 copy of it
+that train/rl.py refreshes before each rollout, so every rollout sees the weights as the last
+optimizer step left them. A fresh engine each call, so that its prefix cache never serves keys
+and values computed with older weights.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ def sample_seed(seed: int, step: int, prompt: int, sample: int) -> int:
 
 def generate(module: Gemma, tokenizer: Tokenizer, prompts: Sequence[Prompt], samples: int, max_new_tokens: int,
              sampling: Sampling, seeds: Sequence[Sequence[int]] | None = None, stop: Sequence[str] = (),
-             max_batch: int | None = None) -> list[list[Request]]:
+             max_batch: int | None = None, stop_ids: Sequence[int] | None = None) -> list[list[Request]]:
     """`samples` completions of each prompt, [prompt][sample], in one engine over `module`.
 
     sampling: the Sampling of every request; seeds[p][j], where given, replaces its seed.
-    Completions end at the tokenizer's stop ids, a stop string, or max_new_tokens.
+    Completions end at a stop id (default: the tokenizer's), a stop string, or max_new_tokens.
     """
+    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     longest = max(len(p.ids) for p in prompts)
     max_len = min(module.config.max_seq_len, longest + max_new_tokens)
     training = module.training
@@ -88,7 +90,7 @@ def generate(module: Gemma, tokenizer: Tokenizer, prompts: Sequence[Prompt], sam
     try:
         requests = [[engine.submit(p.ids, max_new_tokens,
                                    sampling if seeds is None else sampling.replace(seed=seeds[i][j]),
-                                   tokenizer.stop_ids, stop)
+                                   stop_ids, stop)
                      for j in range(samples)] for i, p in enumerate(prompts)]
         while engine.busy:
             engine.step()
