@@ -89,14 +89,13 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype)).eval()
         best = {"gemmakit": 0.0, "trl": 0.0}
         for _ in range(args.repeats):  # alternation: load from other processes falls on both alike
-            for name, run in (("gemmakit", lambda: ours(lm, texts, args.samples, args.tokens)),
-                              ("trl", lambda: theirs(hf, lm.tokenizer, texts, args.samples, args.tokens))):
-                tokens, seconds = run()
+            for name in best:
+                tokens, seconds = (ours(lm, texts, args.samples, args.tokens) if name == "gemmakit" else
+                                   theirs(hf, lm.tokenizer, texts, args.samples, args.tokens))
                 best[name] = max(best[name], tokens / seconds)
                 print(f"  {dtype:<9} {name:<9} {tokens} tokens in {seconds:6.1f} s: {tokens / seconds:7.1f} tokens/s",
                       flush=True)
         rows.append((dtype, best["gemmakit"], best["trl"]))
-        del lm, hf
     print("\n| weights | gemmakit engine tokens/s | trl + transformers generate tokens/s | ratio |")
     print("|---|---|---|---|")
     for dtype, a, b in rows:

@@ -39,8 +39,8 @@ from ..tokenizer import Tokenizer
 from . import distributed, lora, metrics, rewards, rollout
 from .policy_gradient import (
     completion_logprobs,
-    grpo_loss,
     group_advantages,
+    grpo_loss,
     leave_one_out_advantages,
     rloo_loss,
     sequence_kl,
