@@ -188,6 +188,13 @@ def _sum_gradients(params: list[torch.Tensor], world) -> None:
         offset += g.numel()
 
 
+def _score(reward: rewards.Reward, completions: list) -> list[float]:
+    """The reward of each (Prompt, Request), with the prompts' other JSONL fields passed along."""
+    names = sorted({name for p, _ in completions for name in p.fields})
+    fields = {name: [p.fields.get(name) for p, _ in completions] for name in names}
+    return reward([p.prompt for p, _ in completions], [r.text for _, r in completions], fields)
+
+
 @dataclass
 class _Batch:
     """One process's share of a step's rollouts, flattened prompt-major: row p * k + j."""
@@ -196,6 +203,7 @@ class _Batch:
     starts: list[int]  # prompt lengths
     rewards: torch.Tensor  # (P, k) as the reward gave them
     completion_tokens: int
+    seconds: float  # the engine's, generating them
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -242,14 +250,15 @@ def train_rl(cfg: RLConfig) -> Result:
         mine = picks[world.rank * share: (world.rank + 1) * share]
         chosen = [prompts[i] for i in mine]
         seeds = [[rollout.sample_seed(cfg.seed, step, i, j) for j in range(k)] for i in mine]
+        start = time.perf_counter()
         refresh()
         requests = rollout.generate(sampler, tok, chosen, k, cfg.max_new_tokens, sampling, seeds, cfg.stop)
+        seconds = time.perf_counter() - start
         flat = [(p, r) for p, group in zip(chosen, requests) for r in group]
-        fields = {name: [p.fields.get(name) for p, _ in flat] for name in {f for p in chosen for f in p.fields}}
-        scores = reward([p.prompt for p, _ in flat], [r.text for _, r in flat], fields)
+        scores = _score(reward, flat)
         return _Batch([p.ids + r.output_ids for p, r in flat], [len(p.ids) for p, _ in flat],
                       torch.tensor(scores, dtype=torch.float32).view(len(chosen), k),
-                      sum(len(r.output_ids) for _, r in flat))
+                      sum(len(r.output_ids) for _, r in flat), seconds)
 
     def held_out_reward() -> float | None:
         """Mean reward of greedy completions of the held-out prompts (each process scores its share)."""
@@ -261,9 +270,7 @@ def train_rl(cfg: RLConfig) -> Result:
             refresh()
             requests = rollout.generate(sampler, tok, mine, 1, cfg.max_new_tokens, Sampling(), stop=cfg.stop,
                                         max_batch=min(len(mine), 64))
-            flat = [(p, group[0]) for p, group in zip(mine, requests)]
-            fields = {name: [p.fields.get(name) for p, _ in flat] for name in {f for p in mine for f in p.fields}}
-            total = sum(reward([p.prompt for p, _ in flat], [r.text for _, r in flat], fields))
+            total = sum(_score(reward, [(p, group[0]) for p, group in zip(mine, requests)]))
         return distributed.all_sum(total, world) / len(held)
 
     log = None
@@ -295,7 +302,6 @@ def train_rl(cfg: RLConfig) -> Result:
         picks, order = order[:cfg.batch_prompts], order[cfg.batch_prompts:]
         start = time.perf_counter()
         batch = rollouts(step, picks)
-        rollout_s = time.perf_counter() - start
         rows, starts = batch.sequences, batch.starts
         chunks = [slice(i, i + cfg.micro_batch) for i in range(0, len(rows), cfg.micro_batch)]
 
@@ -319,7 +325,7 @@ def train_rl(cfg: RLConfig) -> Result:
 
         n_global = cfg.batch_prompts * k
         stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}  # summed over the updates
-        for update in range(cfg.updates):
+        for _ in range(cfg.updates):
             for c in chunks:
                 with autocast():
                     lp, mask = logprobs(model, rows[c], starts[c])
@@ -348,7 +354,7 @@ def train_rl(cfg: RLConfig) -> Result:
         record = {"step": step + 1, "reward": mean, "reward_std": math.sqrt(max(0.0, reward_sq / n_global - mean ** 2)),
                   "loss": totals["loss"] / (n_global * cfg.updates), "grad_norm": grad_norm,
                   "completion_length": sampled / n_global, "clipped": totals["clipped"] / max(totals["tokens"], 1.0),
-                  "rollout_tokens_per_s": sampled / distributed.all_sum(rollout_s, world) * world.size,
+                  "rollout_tokens_per_s": sampled / distributed.all_sum(batch.seconds, world) * world.size,
                   "step_s": time.perf_counter() - start}
         if cfg.beta and cfg.algo == "grpo":
             record["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
