@@ -87,7 +87,7 @@ def test_grpo_loss_and_gradient_equal_trl(beta, fresh, epsilon_high):
     loss = GRPOTrainer._compute_loss(trainer, None, _inputs(mask, advantages, **extra))
     loss.backward()
     # The same float32 operations in another order: a few ulps of the loss.
-    assert float(per_seq.detach().mean()) == pytest.approx(float(loss), rel=1e-6, abs=1e-7)
+    assert float(per_seq.detach().mean()) == pytest.approx(float(loss.detach()), rel=1e-6, abs=1e-7)
     assert torch.allclose(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
     if beta:
         mean_kl = float((stats["kl"] * mask).sum() / mask.sum())
@@ -113,7 +113,7 @@ def test_rloo_loss_and_gradient_equal_trl(fresh):
     old_logps = (old * mask).sum(1)  # as trl's rollout computes it
     loss = RLOOTrainer._compute_loss(trainer, None, _inputs(mask, advantages, old_logps=old_logps))
     loss.backward()
-    assert float(per_seq.detach().mean()) == pytest.approx(float(loss), rel=1e-6, abs=1e-7)
+    assert float(per_seq.detach().mean()) == pytest.approx(float(loss.detach()), rel=1e-6, abs=1e-7)
     assert torch.allclose(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
 
 
