@@ -6,6 +6,7 @@ import torch
 from gemmakit.errors import GenerationError
 from gemmakit.runtime.sampling import (
     Sampling,
+    draw,
     make_generator,
     next_tokens,
     token_logprobs,
@@ -19,6 +20,25 @@ def draws(logits_row, sampling, n=400, history=None, allowed=None):
     gen = make_generator(sampling)
     logits = logits_row[None]
     return {int(next_tokens(logits, [sampling], [gen], [history], [allowed])[0]) for _ in range(n)}
+
+
+def inverse_cdf(probs, gen):
+    """The token a uniform draw in [0, total) falls on: how many cumulative sums are <= it."""
+    cdf = probs.double().cumsum(0)
+    u = float(torch.rand((), dtype=torch.float64, generator=gen)) * float(cdf[-1])
+    return int((cdf <= u).sum())
+
+
+def test_draws_follow_the_distribution_and_never_a_zero():
+    probs = torch.tensor([0.05, 0.0, 0.25, 0.0, 0.5, 0.2, 0.0]) * 3  # unnormalised
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.stack([draw(probs, gen) for _ in range(n)]), minlength=len(probs))
+    expected = probs / probs.sum() * n
+    sigma = (expected * (1 - probs / probs.sum())).sqrt()
+    assert ((counts - expected).abs() <= 5 * sigma + 1e-9).all(), counts  # 5 sigma: fails ~1 run in 10**6
+    assert counts[probs == 0].sum() == 0
+    assert int(draw(torch.tensor([0.0, 0.0, 1e-30]), gen)) == 2  # a tiny share is still a share
 
 
 def peaked():
@@ -157,7 +177,7 @@ def test_penalties_and_bias_change_exactly_the_logits_the_formula_says():
         gen_a, gen_b = make_generator(sampled), torch.Generator().manual_seed(case)
         for _ in range(10):
             drawn = int(next_tokens(logits[:1], [sampled], [gen_a], [(prompt, output)])[0])
-            assert drawn == int(torch.multinomial((ref / 0.7).softmax(-1), 1, generator=gen_b)[0])
+            assert drawn == inverse_cdf((ref / 0.7).softmax(-1), gen_b)
     assert changed >= 10  # the adjustments did decide the argmax often enough for the test to mean something
 
 

@@ -23,3 +23,7 @@ class GenerationError(GemmaError, ValueError):
 
 class DataError(GemmaError, ValueError):
     """Training data that is missing, empty, unreadable, or too short to fill one sequence."""
+
+
+class RewardError(GemmaError):
+    """A reward function for RL that raised, or returned something other than a number per completion."""

@@ -17,10 +17,10 @@ from ..errors import GemmaError
 from ..eval import cli as eval_cli
 from ..serve import cli as serve_cli
 from ..train import cli as train_cli
-from ..train import preference_cli
+from ..train import preference_cli, rl_cli
 from .options import add_model_args, add_sampling_args, load_model, sampling_from
 
-AREAS = (serve_cli, train_cli, preference_cli, eval_cli, bench)
+AREAS = (serve_cli, train_cli, preference_cli, rl_cli, eval_cli, bench)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -133,16 +133,22 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
     tensor such as a grammar's `Constraint.mask`, sets every token it marks False to -inf before
     anything else, so greedy rows and sampled rows alike choose among the allowed tokens only.
     Greedy rows with nothing to adjust cost one batched argmax; only the other rows get a float32
-    copy of their own logits.
+    copy of their own logits, one at a time (a row of Gemma's 262k logits, and what sampling
+    makes of it, stays in a CPU core's cache, where a batch of them would not).
     """
-    # The first of equal maxima, as torch's argmax: gemmakit's kernel where it is loaded, else
-    # max's indices (argmax's in 60-70% of its time over 262k logits).
-    tokens = kernels.argmax(logits)
-    if tokens is None:
-        tokens = logits.max(dim=-1).indices  # (B,)
+    masks = allowed if allowed is not None else [None] * len(samplings)
+    plain = [s.greedy and mask is None and not s.adjusts_logits for s, mask in zip(samplings, masks)]
+    if any(plain):
+        # The first of equal maxima, as torch's argmax: gemmakit's kernel where it is loaded, else
+        # max's indices (argmax's in 60-70% of its time over 262k logits).
+        tokens = kernels.argmax(logits)
+        if tokens is None:
+            tokens = logits.max(dim=-1).indices  # (B,)
+    else:  # every row is sampled or adjusted: no argmax of all of them for nothing
+        tokens = torch.zeros(len(samplings), dtype=torch.long, device=logits.device)
     for i, s in enumerate(samplings):
-        mask = allowed[i] if allowed is not None else None
-        if s.greedy and mask is None and not s.adjusts_logits:
+        mask = masks[i]
+        if plain[i]:
             continue
         # (V,) float32; a copy of its own only where it is changed below: the caller's logits stay as they are
         row = logits[i].to(torch.float32, copy=mask is not None or s.adjusts_logits)
@@ -156,7 +162,7 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
             tokens[i] = row.argmax()
             continue
         generator = generators[i] if generators is not None else None
-        tokens[i] = _draw(row / s.temperature, s, generator)
+        tokens[i] = _draw(row / s.temperature if s.temperature != 1 else row, s, generator)  # x / 1 is x
     return tokens
 
 
@@ -184,7 +190,7 @@ def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> 
         probs = row.softmax(-1)  # (V,)
         if s.min_p is not None:
             probs = probs.masked_fill(probs < s.min_p * probs.max(), 0.0)
-        return torch.multinomial(probs, 1, generator=generator)[0]
+        return draw(probs, generator)
     if s.top_k is not None:
         values, ids = row.topk(min(s.top_k, row.shape[-1]))  # (k,), sorted, most likely first
     else:
@@ -196,8 +202,22 @@ def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> 
         keep &= probs.cumsum(-1) - probs < s.top_p
     if s.min_p is not None:
         keep &= probs >= s.min_p * probs[0]
-    choice = torch.multinomial(probs.masked_fill(~keep, 0.0), 1, generator=generator)
-    return ids[choice[0]]
+    return ids[draw(probs.masked_fill(~keep, 0.0), generator)]
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token drawn from `probs` (V,), >= 0, not necessarily normalised: the first index
+    whose cumulative probability exceeds a uniform draw in [0, total).
+
+    One random number a draw, where torch.multinomial races V exponential variates (about 20 ms
+    a row of Gemma's 262k tokens on a CPU core: far more than the decode step's share of a row at
+    batch 64). The cumulative sum is float64, so no token's share is lost to rounding.
+    """
+    cdf = probs.double().cumsum(-1)  # (V,)
+    total = cdf[-1]
+    u = torch.rand((), dtype=torch.float64, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))  # rand * total may round up to total
+    return torch.searchsorted(cdf, u, right=True)  # zero-probability tokens own an empty interval
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor | Sequence[int],
