@@ -14,12 +14,13 @@ PACKAGE = Path(gemmakit.__file__).parent
 # top; the options every subcommand shares sit below the subcommands that use them.
 LAYERS = {
     "gemmakit.kernels": 0, "gemmakit.errors": 0, "gemmakit.paths": 0, "gemmakit.config": 1, "gemmakit.tokenizer": 1,
+    "gemmakit.chat_template": 2,
     "gemmakit.model": 2,
     "gemmakit.checkpoints": 3, "gemmakit.runtime": 3,
     "gemmakit.chat": 4, "gemmakit.lm": 5,
     "gemmakit.cli.options": 6,
     "gemmakit.serve": 7, "gemmakit.train": 7, "gemmakit.eval": 7, "gemmakit.bench": 7,
-    "gemmakit.cli": 8, "gemmakit.train.__main__": 9, "gemmakit": 10,
+    "gemmakit.cli": 8, "gemmakit.train.__main__": 9, "gemmakit.eval.__main__": 9, "gemmakit": 10,
 }
 
 
