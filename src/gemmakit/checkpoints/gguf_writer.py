@@ -155,7 +155,7 @@ def _metadata(w: gguf.GGUFWriter, c: GemmaConfig, arch: str, name: str | None, f
     if c.sliding_window is not None:
         w.add_sliding_window(c.sliding_window)
         if arch == "gemma3":  # its sliding layers' base (llama.cpp's default is 10,000 too)
-            w.add_rope_freq_base_swa(c.rope_theta)
+            w.add_float32(f"{arch}.rope.freq_base_swa", c.rope_theta)  # a key older gguf packages lack
     if c.rope_scale_global != 1.0:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_scale_global)
