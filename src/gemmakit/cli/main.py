@@ -90,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import gguf_writer
 
-    to_gguf = args.dst.endswith(".gguf")
+    to_gguf = args.dst.lower().endswith(".gguf")
     if args.type is not None and not to_gguf:
         raise GemmaError(f"--type {args.type} is for a .gguf destination; {args.dst} is written as a Hugging Face folder")
     if to_gguf:  # bad options and targets fail before the model loads
