@@ -64,7 +64,7 @@ def gguf_name(name: str) -> str:
 
 
 def save(module, path: str | os.PathLike, type: str = "f16", tokenizer: Tokenizer | None = None,
-         name: str | None = None, progress: bool = True) -> Path:
+         progress: bool = True) -> Path:
     """Writes a Gemma module and its tokenizer as one GGUF file that llama.cpp runs. All or nothing
     (written beside `path`, then renamed); never overwrites an existing file."""
     path = Path(path)
@@ -81,12 +81,12 @@ def save(module, path: str | os.PathLike, type: str = "f16", tokenizer: Tokenize
             if matrix_type is None:  # q4_k_m: llama.cpp quantizes a float32 file of ours
                 f32 = tmp.with_name(tmp.name + ".f32")
                 try:
-                    _write(f32, state, names, config, arch, tokenizer, name, Q.F32, F.ALL_F32, progress and path.name)
+                    _write(f32, state, names, config, arch, tokenizer, Q.F32, F.ALL_F32, progress and path.name)
                     _llama_quantize(f32, tmp, file_type)
                 finally:
                     f32.unlink(missing_ok=True)
             else:
-                _write(tmp, state, names, config, arch, tokenizer, name, matrix_type, file_type, progress and path.name)
+                _write(tmp, state, names, config, arch, tokenizer, matrix_type, file_type, progress and path.name)
             check_target(path)  # again: something may have appeared while we wrote
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write the GGUF file ({e.strerror or e})") from None
@@ -138,10 +138,8 @@ def _check_expressible(c: GemmaConfig) -> str:
     return arch
 
 
-def _metadata(w: gguf.GGUFWriter, c: GemmaConfig, arch: str, name: str | None, file_type) -> None:
+def _metadata(w: gguf.GGUFWriter, c: GemmaConfig, arch: str, file_type) -> None:
     w.add_type(gguf.GGUFType.MODEL)
-    if name:
-        w.add_name(name)
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.d_model)
     w.add_block_count(c.n_layers)
@@ -184,6 +182,9 @@ def _vocabulary(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int, path:
     scores = [p.score for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
     pad = vocab_size - len(tokens)
+    if pad < 0:
+        raise TokenizerError(f"{path}: the tokenizer has {len(tokens)} tokens but the model's embedding has "
+                             f"{vocab_size} rows")
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     scores += [-10000.0] * pad
     types += [_UNUSED_PIECE] * pad
@@ -204,11 +205,11 @@ def _vocabulary(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int, path:
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], names: dict[str, str], config: GemmaConfig, arch: str,
-           tokenizer: Tokenizer, name: str | None, matrix_type, file_type, progress: str | bool) -> None:
+           tokenizer: Tokenizer, matrix_type, file_type, progress: str | bool) -> None:
     """One pass: metadata, tensor infos, then each tensor converted and written in turn (the file
     never holds more than one converted tensor in memory). `progress`: the name a bar shows, or False."""
     w = gguf.GGUFWriter(path, arch)
-    _metadata(w, config, arch, name, file_type)
+    _metadata(w, config, arch, file_type)
     _vocabulary(w, tokenizer, config.vocab_size, path)
     plan = []
     for ours, t in state.items():
