@@ -103,15 +103,15 @@ def compare(path: Path, lm, ids: list[int], new_tokens: int, threads: int) -> di
     agree = ours_greedy == np.array(theirs_tokens)
     top = np.argsort(-ours, axis=-1)[:, :10]
     top_diff = float(np.abs(np.take_along_axis(ours, top, -1) - np.take_along_axis(theirs, top, -1)).max())
-    # gemmakit's own greedy run from the prompt: the same tokens up to the first unclear step
-    own = lm.generate(ids, max_new_tokens=new_tokens) if lm.tokenizer else None
+    # gemmakit's own greedy run from the prompt follows llama.cpp's up to their first disagreement
+    same_prefix = int(agree.argmin()) if not agree.all() else len(agree)
     return {"tolerance": round(tol, 5), "max_top10_logit_diff": round(top_diff, 5),
             "max_logit_diff": round(float(np.abs(ours - theirs).max()), 5),
             "greedy_agree": int(agree.sum()), "greedy_steps": len(agree), "clear_steps": int(clear.sum()),
-            "disagree_where_clear": int((~agree & clear).sum()),
-            "same_tokenization": llama_tokens == (lm.tokenizer.encode(PROMPTS[0]) if lm.tokenizer else llama_tokens),
+            "disagree_where_clear": int((~agree & clear).sum()), "same_greedy_prefix": same_prefix,
+            "same_tokenization": llama_tokens == lm.tokenizer.encode(PROMPTS[0]),
             "ok": bool(top_diff <= tol and not (~agree & clear).any()),
-            "gemmakit_text": own, "llamacpp_text": lm.tokenizer.decode(theirs_tokens) if lm.tokenizer else None}
+            "llamacpp_text": lm.tokenizer.decode(theirs_tokens)}
 
 
 def bit_equal(a: Path, b: Path) -> dict:
