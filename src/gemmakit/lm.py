@@ -313,6 +313,13 @@ class LM:
 
         return hf.save(self.module, folder, tokenizer=self.tokenizer, progress=progress, meta=self.metadata)
 
+    def save_gguf(self, path: str | os.PathLike, type: str = "f16", progress: bool = True):
+        """Writes the model and its tokenizer as one GGUF file in llama.cpp's layout; `type` is f32, f16,
+        bf16, q8_0 or q4_k_m (llama.cpp's mixture, made by llama-cpp-python); checkpoints.gguf_writer."""
+        from .checkpoints import gguf_writer
+
+        return gguf_writer.save(self.module, path, type=type, tokenizer=self.tokenizer, progress=progress)
+
     def _stop_ids(self, stop_ids: Sequence[int] | None) -> Sequence[int]:
         return stop_ids if stop_ids is not None else self.stop_ids
 

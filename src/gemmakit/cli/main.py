@@ -95,9 +95,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from ..checkpoints import gguf_writer
+
+    to_gguf = args.dst.lower().endswith(".gguf")
+    if args.type is not None and not to_gguf:
+        raise GemmaError(f"--type {args.type} is for a .gguf destination; {args.dst} is written as a Hugging Face folder")
+    if to_gguf:  # bad options and targets fail before the model loads
+        gguf_writer.check_type(args.type or "f16")
+        gguf_writer.check_target(args.dst)
     args.model = args.src
     lm = load_model(args)
-    out = lm.save(args.dst)
+    out = lm.save_gguf(args.dst, type=args.type or "f16") if to_gguf else lm.save(args.dst)
     print(f"wrote {out}")
     return 0
 
@@ -125,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="convert any supported checkpoint to a Hugging Face folder")
+    p = sub.add_parser("convert", help="convert any supported checkpoint to a Hugging Face folder or a GGUF file")
     p.add_argument("src", help="HF folder, .ckpt/.bin, .gguf or preset name")
-    p.add_argument("dst", help="output folder (must not exist or be empty)")
+    p.add_argument("dst", help="output folder (must not exist or be empty), or a new .gguf file")
+    p.add_argument("--type", default=None, help="of a .gguf destination: f32, f16 (the default), bf16, q8_0, "
+                                                "q4_k_m (llama.cpp's mixture; needs llama-cpp-python)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None)
