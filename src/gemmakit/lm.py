@@ -318,7 +318,8 @@ class LM:
         bf16, q8_0 or q4_k_m (llama.cpp's mixture, made by llama-cpp-python); checkpoints.gguf_writer."""
         from .checkpoints import gguf_writer
 
-        return gguf_writer.save(self.module, path, type=type, tokenizer=self.tokenizer, progress=progress)
+        return gguf_writer.save(self.module, path, type=type, tokenizer=self.tokenizer,
+                                chat_template=self.metadata.chat_template, progress=progress)
 
     def _stop_ids(self, stop_ids: Sequence[int] | None) -> Sequence[int]:
         return stop_ids if stop_ids is not None else self.stop_ids

@@ -190,3 +190,18 @@ def test_what_llamacpp_cannot_run_is_refused(tmp_path, models, gemma_tokenizer_j
     with pytest.raises(CheckpointError, match="quantized models cannot be written"):
         quantized.save_gguf(tmp_path / "x.gguf", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_checkpoints_own_chat_template_goes_into_the_file(tmp_path, models):
+    from gemmakit.chat_template import ChatTemplate
+    from gemmakit.checkpoints.metadata import Metadata
+    from gemmakit.lm import LM
+
+    own = ChatTemplate.of([{"name": "default", "template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"},
+                           {"name": "tool_use", "template": "{{ tools | tojson }}"}], "test")
+    base = models["gemma3"]
+    lm = LM(base.module, base.tokenizer, metadata=Metadata(chat_template=own))
+    path = lm.save_gguf(tmp_path / "own.gguf", type="f32", progress=False)
+    again = gemmakit.load(path, quantize=None, compile=None, progress=False)
+    assert again.metadata.chat_template.variants == own.variants
+    assert again.chat_format.render([{"role": "user", "content": "hi"}]) == "[hi]"

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..chat_template import ChatTemplate
 from ..config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..paths import atomic_path
@@ -64,6 +65,7 @@ def gguf_name(name: str) -> str:
 
 
 def save(module, path: str | os.PathLike, type: str = "f16", tokenizer: Tokenizer | None = None,
+         chat_template: ChatTemplate | None = None,
          progress: bool = True) -> Path:
     """Writes a Gemma module and its tokenizer as one GGUF file that llama.cpp runs. All or nothing
     (written beside `path`, then renamed); never overwrites an existing file."""
@@ -81,12 +83,14 @@ def save(module, path: str | os.PathLike, type: str = "f16", tokenizer: Tokenize
             if matrix_type is None:  # q4_k_m: llama.cpp quantizes a float32 file of ours
                 f32 = tmp.with_name(tmp.name + ".f32")
                 try:
-                    _write(f32, state, names, config, arch, tokenizer, Q.F32, F.ALL_F32, progress and path.name)
+                    _write(f32, state, names, config, arch, tokenizer, chat_template, Q.F32, F.ALL_F32,
+                           progress and path.name)
                     _llama_quantize(f32, tmp, file_type)
                 finally:
                     f32.unlink(missing_ok=True)
             else:
-                _write(tmp, state, names, config, arch, tokenizer, matrix_type, file_type, progress and path.name)
+                _write(tmp, state, names, config, arch, tokenizer, chat_template, matrix_type, file_type,
+                       progress and path.name)
             check_target(path)  # again: something may have appeared while we wrote
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write the GGUF file ({e.strerror or e})") from None
@@ -165,7 +169,8 @@ def _metadata(w: gguf.GGUFWriter, c: GemmaConfig, arch: str, file_type) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _vocabulary(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int, path: Path) -> None:
+def _vocabulary(w: gguf.GGUFWriter, tokenizer: Tokenizer, chat_template: ChatTemplate | None, vocab_size: int,
+                path: Path) -> None:
     """The SentencePiece model as llama.cpp's converter writes it (`_set_vocab_sentencepiece`):
     pieces, scores and SentencePiece's own token types, user-defined pieces with "▁" turned back into
     spaces, ids past the tokenizer's padded as unused `[PADi]` pieces."""
@@ -201,16 +206,19 @@ def _vocabulary(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int, path:
     w.add_add_bos_token(True)  # Gemma prompts start with <bos>, and never end with <eos>
     w.add_add_eos_token(False)
     w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
-    w.add_chat_template(getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE)
+    # the checkpoint's own template(s) where it has them (a "tool_use" one as tokenizer.chat_template.tool_use)
+    w.add_chat_template([{"name": n, "template": t} for n, t in chat_template.variants] if chat_template
+                        else CHAT_TEMPLATE)
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], names: dict[str, str], config: GemmaConfig, arch: str,
-           tokenizer: Tokenizer, matrix_type, file_type, progress: str | bool) -> None:
+           tokenizer: Tokenizer, chat_template: ChatTemplate | None, matrix_type, file_type,
+           progress: str | bool) -> None:
     """One pass: metadata, tensor infos, then each tensor converted and written in turn (the file
     never holds more than one converted tensor in memory). `progress`: the name a bar shows, or False."""
     w = gguf.GGUFWriter(path, arch)
     _metadata(w, config, arch, file_type)
-    _vocabulary(w, tokenizer, config.vocab_size, path)
+    _vocabulary(w, tokenizer, chat_template, config.vocab_size, path)
     plan = []
     for ours, t in state.items():
         shape = tuple(t.shape)
