@@ -156,8 +156,15 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
             tokens[i] = row.argmax()
             continue
         generator = generators[i] if generators is not None else None
-        tokens[i] = _draw(row / s.temperature, s, generator)
+        # A tiny temperature overflows logits / T to inf (softmax: NaN), or is 0 in float32: in
+        # float64, shifted by the maximum first, every value is <= 0 and the largest is 0.
+        t = s.temperature
+        scaled = row / t if t >= _TINY_TEMPERATURE else (row.double() - row.max()) / t
+        tokens[i] = _draw(scaled, s, generator)
     return tokens
+
+
+_TINY_TEMPERATURE = 1e-4  # logits / T stays finite above it for any logit float32 holds below 1e34
 
 
 def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
