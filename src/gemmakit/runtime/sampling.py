@@ -174,7 +174,9 @@ def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
         if s.repetition_penalty is not None and (prompt or output):
             ids = torch.as_tensor([*prompt, *output], dtype=torch.long, device=row.device).unique()
             seen = row[ids]
-            row[ids] = torch.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+            # Beyond [1e-30, 1e30] a float32 logit overflows (inf, or 0 * inf = NaN); the choice is the same.
+            penalty = min(max(s.repetition_penalty, 1e-30), 1e30)
+            row[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
         if (s.frequency_penalty or s.presence_penalty) and output:
             ids, counts = torch.as_tensor(output, dtype=torch.long, device=row.device).unique(return_counts=True)
             row[ids] -= s.frequency_penalty * counts + s.presence_penalty
@@ -201,6 +203,7 @@ def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> 
     if s.top_p is not None:
         # A token stays while the tokens before it have not yet reached top_p (the first always stays).
         keep &= probs.cumsum(-1) - probs < s.top_p
+        keep[0] = True  # also when top_p rounds to 0 in float32
     if s.min_p is not None:
         keep &= probs >= s.min_p * probs[0]
     choice = torch.multinomial(probs.masked_fill(~keep, 0.0), 1, generator=generator)

@@ -140,14 +140,17 @@ class _Sampled(_Body):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
-    stop: str | list[str] | None = None
+    # json_schema_extra: what the validators below check, told in the OpenAPI schema too
+    stop: str | list[str] | None = Field(None, json_schema_extra={"minLength": 1, "maxItems": 4,
+                                                                  "items": {"minLength": 1}})
     seed: int | None = Field(None, ge=0, lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={  # token id (as a string) -> bias
+        "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": {"minimum": -100, "maximum": 100}})
     response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
@@ -228,7 +231,10 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore",
+                              json_schema_extra={"anyOf": [  # content, or (an assistant's) calls instead
+                                  {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                                  {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     content: str | list[dict] | None = Field(None, validate_default=True)  # None only beside tool_calls
@@ -272,7 +278,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     content: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, json_schema_extra={"minItems": 1})
     add_special_tokens: bool = True  # <bos> before a prompt
 
     @field_validator("messages")
