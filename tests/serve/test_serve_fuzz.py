@@ -4,13 +4,14 @@ vanishing). Each gets a 4xx with OpenAI's error body, or a clean close, and the 
 giving a normal request the same answer as before."""
 
 import json
+import os
 import socket
 import time
 
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, seed, settings
 from schemathesis.checks import positive_data_acceptance
 
 from gemmakit.serve import create_app
@@ -72,8 +73,11 @@ fuzzed = schemathesis.pytest.from_fixture("api_schema")
 
 
 @fuzzed.parametrize()
-@settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck),
+# A few examples a route in the suite; scripts/fuzz_server.py sets more (and a seed of its own).
+@settings(max_examples=int(os.environ.get("GEMMAKIT_FUZZ_EXAMPLES", 12)), deadline=None,
+          derandomize="GEMMAKIT_FUZZ_SEED" not in os.environ, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.generate])  # no shrinking: a failure names its body as it came
+@(seed(int(os.environ["GEMMAKIT_FUZZ_SEED"])) if "GEMMAKIT_FUZZ_SEED" in os.environ else (lambda f: f))
 def test_every_route_under_schemathesis(case):
     """No 5xx; every answer conforms to the schema (status, content type, body: errors are OpenAI's
     ErrorResponse); data the schema forbids is refused. Not checked: that data the schema allows is
