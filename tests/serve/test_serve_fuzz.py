@@ -159,6 +159,8 @@ GOOD_BUT_EXTREME = {
     "huge top_k": dict(top_k=2**62, temperature=1, seed=3),
     "tiny temperature": dict(temperature=1e-300, seed=3),
     "huge repetition penalty": dict(repetition_penalty=1e308),
+    "tiny repetition penalty": dict(repetition_penalty=1e-300, temperature=1, seed=3),
+    "tiny top_p": dict(top_p=1e-300, temperature=1, seed=3),
     "the largest seed": dict(seed=2**64 - 1, temperature=1, n=3),
     "every logprob": dict(logprobs=20, echo=True),
 }
