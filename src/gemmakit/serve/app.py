@@ -104,11 +104,14 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
         server.check_model(model_id)
         return server.model_card()
 
-    @app.post("/v1/completions")
+    # the answer, or with "stream": true its server-sent events
+    streamed = {200: {"description": "The answer", "content": {"application/json": {}, "text/event-stream": {}}}}
+
+    @app.post("/v1/completions", responses=streamed)
     async def completions(body: CompletionRequest, request: Request):
         return await server.complete(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=streamed)
     async def chat_completions(body: ChatRequest, request: Request):
         return await server.chat(body, request)
 
