@@ -68,6 +68,11 @@ class PrefixCache:
         """Blocks stored."""
         return len(self._slots)
 
+    @property
+    def free(self) -> int:
+        """Blocks never used yet; stored + free == capacity, or a block was lost."""
+        return len(self._free)
+
     # -- lookup ---------------------------------------------------------------------------------
     def match(self, tokens: Sequence[int], limit: int, chain: list[bytes] | None = None) -> tuple[int, list[int]]:
         """The longest stored prefix of tokens[:limit] that continuing after needs nothing else:

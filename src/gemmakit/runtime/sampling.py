@@ -162,8 +162,15 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
             tokens[i] = row.argmax()
             continue
         generator = generators[i] if generators is not None else None
-        tokens[i] = _draw(row / s.temperature if s.temperature != 1 else row, s, generator)  # x / 1 is x
+        # A tiny temperature overflows logits / T to inf (softmax: NaN), or is 0 in float32: in
+        # float64, shifted by the maximum first, every value is <= 0 and the largest is 0.
+        t = s.temperature
+        scaled = row if t == 1 else row / t if t >= _TINY_TEMPERATURE else (row.double() - row.max()) / t
+        tokens[i] = _draw(scaled, s, generator)
     return tokens
+
+
+_TINY_TEMPERATURE = 1e-4  # logits / T stays finite above it for any logit float32 holds below 1e34
 
 
 def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
@@ -173,7 +180,9 @@ def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
         if s.repetition_penalty is not None and (prompt or output):
             ids = torch.as_tensor([*prompt, *output], dtype=torch.long, device=row.device).unique()
             seen = row[ids]
-            row[ids] = torch.where(seen > 0, seen / s.repetition_penalty, seen * s.repetition_penalty)
+            # Beyond [1e-30, 1e30] a float32 logit overflows (inf, or 0 * inf = NaN); the choice is the same.
+            penalty = min(max(s.repetition_penalty, 1e-30), 1e30)
+            row[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
         if (s.frequency_penalty or s.presence_penalty) and output:
             ids, counts = torch.as_tensor(output, dtype=torch.long, device=row.device).unique(return_counts=True)
             row[ids] -= s.frequency_penalty * counts + s.presence_penalty
@@ -200,6 +209,7 @@ def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> 
     if s.top_p is not None:
         # A token stays while the tokens before it have not yet reached top_p (the first always stays).
         keep &= probs.cumsum(-1) - probs < s.top_p
+        keep[0] = True  # also when top_p rounds to 0 in float32
     if s.min_p is not None:
         keep &= probs >= s.min_p * probs[0]
     return ids[draw(probs.masked_fill(~keep, 0.0), generator)]

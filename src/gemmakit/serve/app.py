@@ -15,7 +15,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +35,7 @@ from .protocol import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     TokenizeRequest,
     error_body,
     new_id,
@@ -70,7 +76,9 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
         yield
         scheduler.stop()  # after uvicorn's graceful wait: whatever is still running is cancelled
 
-    app = FastAPI(title="gemmakit", lifespan=lifespan)
+    # "default": every error answer has OpenAI's body (and FastAPI then declares no 422 of its own)
+    app = FastAPI(title="gemmakit", lifespan=lifespan,
+                  responses={"default": {"model": ErrorResponse, "description": "An error, in OpenAI's shape"}})
     app.state.scheduler = scheduler
     app.state.model_name = name
     if api_key:
@@ -93,7 +101,7 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
     async def health():
         return {"status": "ok", "model": name, **scheduler.stats()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -106,11 +114,14 @@ def create_app(lm, model_name: str | None = None, api_key: str | None = None, ma
         server.check_model(model_id)
         return server.model_card()
 
-    @app.post("/v1/completions")
+    # the answer, or with "stream": true its server-sent events
+    streamed = {200: {"description": "The answer", "content": {"application/json": {}, "text/event-stream": {}}}}
+
+    @app.post("/v1/completions", responses=streamed)
     async def completions(body: CompletionRequest, request: Request):
         return await server.complete(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=streamed)
     async def chat_completions(body: ChatRequest, request: Request):
         return await server.chat(body, request)
 
@@ -558,7 +569,9 @@ def _handlers() -> dict:
         errors = exc.errors()
         err = errors[0]
         param = _param(err.get("loc", ()))
-        if err.get("type") == "json_invalid":
+        if err.get("type") == "unpaired_surrogate":
+            message, param = err["msg"], err["ctx"]["field"]
+        elif err.get("type") == "json_invalid":
             message, param = f"could not parse the JSON body: {err.get('ctx', {}).get('error', err['msg'])}", None
         elif err.get("type") == "missing":
             message = f"missing required field '{param}'" if param else "missing JSON body"
@@ -573,7 +586,12 @@ def _handlers() -> dict:
 
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+        message, cause = str(exc.detail), exc.__cause__  # FastAPI's "error parsing the body" says no more
+        if isinstance(cause, UnicodeDecodeError):
+            message = f"the body is not UTF-8 text: {cause.reason} at byte {cause.start}"
+        elif isinstance(cause, RecursionError):
+            message = "the JSON body is nested too deeply"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
     async def refused(request: Request, exc: GemmaError):
         # gemmakit's own errors describe the request (a schema, a prompt), never a server fault
@@ -618,17 +636,47 @@ class _APIKey:
 
 
 class _BodyLimit:
-    """Refuses a body whose declared length is beyond any context before a byte of it is read."""
+    """Refuses a body beyond any context with 413: one whose declared length is, before a byte of
+    it is read; a chunked one (no length declared), as soon as what came exceeds the limit, so
+    that no body held in memory is larger than the limit."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"0")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
-                response = JSONResponse(error_body(f"request body over {self.max_bytes} bytes", code="body_too_large"),
-                                        status_code=413)
-                await response(scope, receive, send)
+                await self._refuse(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        parts, size, more = [], 0, True
+        while more:  # a chunked body is read here, whole, then handed on
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was complete
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        async def replay():
+            nonlocal body
+            if body is None:
+                return await receive()  # what follows the body: the disconnect
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = JSONResponse(error_body(f"request body over {self.max_bytes} bytes", code="body_too_large"),
+                                status_code=413)
+        await response(scope, receive, send)

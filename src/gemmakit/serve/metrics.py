@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 
 # Seconds: from a few milliseconds (a token of a small model) to a long prompt's wait.
 _LATENCY = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
@@ -17,13 +23,20 @@ _LATENCY = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
 class ServerMetrics:
     def __init__(self, stats):
-        """stats: a function returning the scheduler's {"running": n, "waiting": n, ...}."""
+        """stats: a function returning the scheduler's {"running": n, "waiting": n, ...} (Scheduler.stats)."""
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("gemmakit_requests_running", "Requests decoding now", registry=r).set_function(
             lambda: stats()["running"])
         Gauge("gemmakit_requests_waiting", "Requests waiting for a free row", registry=r).set_function(
             lambda: stats()["waiting"])
+        Gauge("gemmakit_free_slots", "Engine rows free for a request", registry=r).set_function(
+            lambda: stats()["free_slots"])
+        for name, key, what in (("blocks", "blocks", "stored"), ("free_blocks", "free", "never used yet"),
+                                ("capacity_blocks", "capacity", "the cache holds")):
+            Gauge(f"gemmakit_prefix_cache_{name}", f"Prefix-cache blocks {what}", registry=r).set_function(
+                lambda key=key: stats()["prefix_cache"][key])
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the like (Linux)
         self.prompt_tokens = Counter("gemmakit_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.reused_tokens = Counter("gemmakit_prefix_cache_hit_tokens",
                                      "Prompt tokens whose keys and values were already cached", registry=r)

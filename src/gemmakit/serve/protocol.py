@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class APIError(Exception):
@@ -31,6 +32,55 @@ class APIError(Exception):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """`error_body`'s shape, for the OpenAPI schema: every 4xx and 5xx answer has it."""
+
+    error: ErrorDetail
+
+
+def _unpaired_surrogate(value) -> str | None:
+    """The path of the first string in a parsed JSON body that holds an unpaired UTF-16 surrogate
+    (JSON's "\\ud800" escape parses to one): no Unicode text, which the tokenizer and the UTF-8
+    encoder of every answer refuse. Iterative: the body may be as deep as the JSON parser allows."""
+    todo = [("", value)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "body"
+        elif isinstance(v, dict):
+            todo += ((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
+            todo += (("key of " + (path or "body"), k) for k in v)
+        elif isinstance(v, list):
+            todo += ((f"{path}.{i}", x) for i, x in enumerate(v))
+    return None
+
+
+class _Body(BaseModel):
+    """A request body: strict types, unknown fields ignored, text that is Unicode."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        where = _unpaired_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError("unpaired_surrogate", "{field}: a string holds an unpaired UTF-16 surrogate "
+                                      "(a \\ud800-\\udfff escape alone), which is no Unicode text", {"field": where})
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -78,10 +128,9 @@ class Tool(BaseModel):
     function: Function
 
 
-class _Sampled(BaseModel):
+class _Sampled(_Body):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -91,14 +140,17 @@ class _Sampled(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
-    stop: str | list[str] | None = None
+    # json_schema_extra: what the validators below check, told in the OpenAPI schema too
+    stop: str | list[str] | None = Field(None, json_schema_extra={"minLength": 1, "maxItems": 4,
+                                                                  "items": {"minLength": 1}})
     seed: int | None = Field(None, ge=0, lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={  # token id (as a string) -> bias
+        "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": {"minimum": -100, "maximum": 100}})
     response_format: ResponseFormat | None = None
     functions: Any = None
     function_call: Any = None
@@ -179,7 +231,10 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore",
+                              json_schema_extra={"anyOf": [  # content, or (an assistant's) calls instead
+                                  {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                                  {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     content: str | list[dict] | None = Field(None, validate_default=True)  # None only beside tool_calls
@@ -216,15 +271,14 @@ class ChatRequest(_Sampled):
     parallel_tool_calls: bool = True  # one call per answer either way (see tools.py)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     """vLLM's /tokenize body (`prompt`, or `messages` rendered with the chat template), with
     llama.cpp's server's name for the text, `content`."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
     prompt: str | None = None
     content: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, json_schema_extra={"minItems": 1})
     add_special_tokens: bool = True  # <bos> before a prompt
 
     @field_validator("messages")
@@ -235,8 +289,7 @@ class TokenizeRequest(BaseModel):
         return v
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 

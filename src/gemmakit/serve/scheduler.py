@@ -105,6 +105,7 @@ class Scheduler:
         self._inbox: collections.deque[Job] = collections.deque()  # submitted, not yet handed to the engine
         self._jobs: list[Job] = []  # handed to the engine: waiting there for a row, or decoding
         self._counts = (0, 0)  # (decoding, waiting in the engine) after the latest step, for stats()
+        self._room = self._engine_room()  # free rows and prefix-cache blocks, likewise
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gemmakit-scheduler", daemon=True)
@@ -155,10 +156,18 @@ class Scheduler:
             self._thread.join(timeout)
 
     def stats(self) -> dict:
+        """What /health and /metrics show. Once idle, free_slots == max_batch and the prefix
+        cache's blocks + free == capacity, or a row or a block was lost."""
         with self._cv:
             running, waiting = self._counts
             return {"running": running, "waiting": waiting + len(self._inbox), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "steps": self.steps}
+                    "max_queue": self.max_queue, "steps": self.steps, **self._room}
+
+    def _engine_room(self) -> dict:
+        prefixes = self.engine.prefixes
+        blocks = {"blocks": prefixes.stored, "free": prefixes.free, "capacity": prefixes.capacity} if prefixes \
+            else {"blocks": 0, "free": 0, "capacity": 0}
+        return {"free_slots": self.engine.free_slots, "prefix_cache": blocks}
 
     # -- the scheduler thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -182,8 +191,10 @@ class Scheduler:
         self._shutdown()
 
     def _count(self) -> None:
+        room = self._engine_room()
         with self._cv:
             self._counts = (len(self.engine.requests), len(self.engine.waiting))
+            self._room = room
 
     def _hand_over(self, job: Job) -> None:
         if job.cancelled:
