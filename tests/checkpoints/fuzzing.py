@@ -14,6 +14,7 @@ the logits are not finite), "memory" (the allocation limit was hit), "crash" (th
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
@@ -286,6 +287,7 @@ def _vm_bytes() -> int:
 
 
 def _child(target: Path, write_fd: int, memory: int, load_args: dict) -> None:
+    faulthandler.disable()  # a crash is reported by the parent, not dumped into the run's output
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     torch.set_num_threads(1)
