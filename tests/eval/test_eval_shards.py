@@ -69,7 +69,9 @@ def test_two_ranks_kill_resume_equal_one_process(tmp_path, tiny_lm):
         rank1 = _rank_pid(proc.pid, 1)
         os.kill(rank1, signal.SIGSTOP)
         shard0 = Path(f"{out}.rank0-of-2.partial.jsonl")
-        while len(shard0.read_text().splitlines()) < 51 and proc.poll() is None and time.monotonic() < deadline:
+        # (rank 0 may not have opened its shard yet: the ranks start at their own pace)
+        while ((not shard0.is_file() or len(shard0.read_text().splitlines()) < 51) and proc.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.01)
         os.kill(rank1, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
