@@ -37,23 +37,23 @@ def read(path: Path) -> list[dict]:
     return records
 
 
-def plot(metrics: Path, out: Path) -> Path:
-    """Training loss per step and held-out loss per evaluation, in one PNG."""
+def plot(metrics: Path, out: Path, per_step: tuple[str, str] = ("loss", "training loss"),
+         held: tuple[str, str] = ("val_loss", "held-out loss"), ylabel: str = "cross-entropy (nats/token)") -> Path:
+    """One PNG of a value logged every step (a line) and one logged at each evaluation (dots):
+    (metrics.jsonl key, label) each; by default training and held-out loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read(metrics)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    held = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss", lw=1)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
+    for (key, label), style in ((per_step, dict(lw=1)), (held, dict(marker="o"))):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

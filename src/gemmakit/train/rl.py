@@ -383,27 +383,5 @@ def train_rl(cfg: RLConfig) -> Result:
 
 def plot(path: Path, out: Path) -> Path:
     """Mean reward of each step's rollouts and of the held-out prompts, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..paths import atomic_path
-
-    records = metrics.read(path)
-    sampled = [(r["step"], r["reward"]) for r in records if "reward" in r]
-    held = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if sampled:
-        ax.plot(*zip(*sampled), label="reward of the step's samples", lw=1)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out reward (greedy)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return out
+    return metrics.plot(path, out, ("reward", "reward of the step's samples"),
+                        ("eval_reward", "held-out reward (greedy)"), ylabel="mean reward")
