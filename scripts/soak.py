@@ -37,25 +37,11 @@ WORDS = ("the quick brown fox jumps over a lazy dog while the model answers the 
 
 
 def train_tokenizer(folder: Path) -> Path:
-    """A tiny SentencePiece model with Gemma's special tokens (as the test suite's), for the random model."""
-    import io
+    """The test suite's tiny SentencePiece model with Gemma's special tokens, for the random model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import train_sentencepiece
 
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) + f" {rng.randint(0, 99_999)}"
-             for _ in range(300)] + ["def f(x):\n    return x + 1", "Hello world!", "héllo wörld"]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=500, model_type="bpe",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], byte_fallback=True,
-        split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=1.0,
-        num_threads=1, minloglevel=2)
-    path = folder / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return train_sentencepiece(folder)
 
 
 def free_port() -> int:
