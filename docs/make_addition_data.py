@@ -1,7 +1,7 @@
 """A synthetic verifiable task for `gemmakit rl` and `gemmakit dpo`: 2-digit addition.
 
 Writes to OUT:
-  train.jsonl, heldout.jsonl      prompts {"prompt": "...12+34=", "answer": "46"}, disjoint sums
+  train.jsonl, heldout.jsonl      prompts {"prompt": "...12+34=", "answer": "46"}, no problem in both
   pairs-train.jsonl, pairs-heldout.jsonl
                                   DPO pairs {"prompt", "chosen", "rejected"} on the same prompts:
                                   chosen the right sum, rejected the model's own greedy answer
