@@ -104,10 +104,12 @@ def test_a_bad_reward_is_one_line_naming_it_and_writes_nothing(tmp_path, task, c
     ('{"text": "a"}', "{path}:2: no 'prompt' or 'messages' field"),
     ('{"prompt": ""}', "{path}:2: 'prompt' must be a non-empty string"),
     ("[1, 2]", "{path}:2: expected an object"),
+    ("[" * 100_000 + "]" * 100_000, "{path}:2: JSON nested too deeply"),
+    ('{"prompt": "caf\xe9"}'.encode("latin-1"), "{path}: not UTF-8 text"),
 ])
 def test_a_bad_prompt_line_is_named(tmp_path, task, capsys, line, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "the cat"}\n' + line + "\n")
+    path.write_bytes(b'{"prompt": "the cat"}\n' + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     out = tmp_path / "out"
     assert main(["rl", *_flags(task | {"prompts": path}), "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err

@@ -9,7 +9,6 @@ string is plain text: <bos> + the prompt, and the answer + <eos> (trl's conventi
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..chat_template import ChatFormat
 from ..errors import DataError
 from ..model.loss import IGNORE
 from ..tokenizer import Tokenizer
-from . import conversations
+from . import conversations, jsonl
 
 
 @dataclass(frozen=True)
@@ -84,22 +83,8 @@ def parse(record: object, tokenizer: ChatFormat | Tokenizer, where: str) -> Pair
 def read(path: str | Path, tokenizer: ChatFormat | Tokenizer, max_len: int) -> list[Pair]:
     """Every pair of a JSONL file, checked and tokenized; the first bad line fails the whole file
     (nothing is trained on a file half read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, record in jsonl.records(path):
         pair = parse(record, tokenizer, where)
         longest = len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
         if longest > max_len:

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,14 +28,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import GemmaConfig, check_fields
+from ..chat_template import ChatFormat
+from ..checkpoints.metadata import Metadata
+from ..config import check_fields
 from ..errors import ConfigError
 from ..lm import LM
-from ..lm import load as load_model
 from ..model import Gemma
 from ..runtime.sampling import Sampling
 from ..tokenizer import Tokenizer
 from . import distributed, lora, metrics, rewards, rollout
+from .loop import _base_model, save_model
 from .policy_gradient import (
     completion_logprobs,
     group_advantages,
@@ -125,18 +126,11 @@ class Result:
 
 
 # -- set-up ------------------------------------------------------------------------------------------
-def _policy(cfg: RLConfig) -> tuple[Gemma, Tokenizer]:
-    source = cfg.model
-    if source.endswith(".json") and os.path.isfile(source):  # a config of our own: random weights
-        try:
-            source = GemmaConfig.from_dict(json.loads(Path(source).read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}: not valid JSON ({e.msg})") from None
-    # The weights as the file has them (training changes them): never the quantized fast mode.
-    lm = load_model(source, quantize=None, compile=None, tokenizer=cfg.tokenizer, seed=cfg.seed, progress=cfg.progress)
-    if lm.tokenizer is None:
+def _policy(cfg: RLConfig) -> tuple[Gemma, Tokenizer, Metadata]:
+    model, tok, meta = _base_model(cfg)  # the weights as the file has them, never the fast mode
+    if tok is None:
         raise ConfigError(f"{cfg.model} has no tokenizer; RL needs one to read prompts and score text (--tokenizer)")
-    return lm.module.float().train(), lm.tokenizer
+    return model, tok, meta
 
 
 def _reward(cfg: RLConfig) -> rewards.Reward:
@@ -217,9 +211,10 @@ def train_rl(cfg: RLConfig) -> Result:
     if cfg.batch_prompts % world.size:
         raise ConfigError(f"batch_prompts ({cfg.batch_prompts}) must divide over the {world.size} processes")
     reward = _reward(cfg)
-    model, tok = _policy(cfg)
-    prompts = rollout.read_prompts(cfg.prompts, tok)
-    held = rollout.read_prompts(cfg.eval_prompts, tok) if cfg.eval_prompts else []
+    model, tok, meta = _policy(cfg)
+    chat = ChatFormat(tok, meta.chat_template)  # prompts as messages: the checkpoint's own template
+    prompts = rollout.read_prompts(cfg.prompts, chat)
+    held = rollout.read_prompts(cfg.eval_prompts, chat) if cfg.eval_prompts else []
     lr = cfg.lr if cfg.lr is not None else (1e-5 if cfg.lora_rank else 1e-6)
 
     reference = None
@@ -369,13 +364,12 @@ def train_rl(cfg: RLConfig) -> Result:
 
     if world.main:
         plot(out / "metrics.jsonl", out / "reward.png")
-        from .loop import save_model
 
         final = model
         if cfg.lora_rank > 0:
-            lora.save_adapter(final, out / "adapter")
+            lora.save_adapter(final, out / "adapter", base_model=str(cfg.model))
             final = lora.merge(final)
-        save_model(LM(final.float().eval(), tok), out, progress=cfg.progress)
+        save_model(LM(final.float().eval(), tok, metadata=meta), out, progress=cfg.progress)
     if world.size > 1:
         torch.distributed.barrier()
     return Result(out, cfg.steps, records, evals)

@@ -11,16 +11,17 @@ and values computed with older weights.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..chat_template import ChatFormat
 from ..errors import DataError, TokenizerError
 from ..model import Gemma
 from ..runtime.engine import Engine, Request
 from ..runtime.sampling import Sampling
 from ..tokenizer import Tokenizer
+from . import jsonl
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,14 @@ class Prompt:
     fields: dict = field(default_factory=dict)  # the line's other fields (an answer to check, say)
 
 
-def read_prompts(path: str | Path, tokenizer: Tokenizer) -> list[Prompt]:
+def read_prompts(path: str | Path, tokenizer: ChatFormat | Tokenizer) -> list[Prompt]:
     """JSONL, one object a line: {"prompt": "..."} or {"messages": [...]} (rendered with the
-    chat template, ending with the model's turn opened), plus any fields the reward reads."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompt file")
+    model's chat template — a ChatFormat, or a Tokenizer for Gemma's built-in one — ending with the
+    model's turn opened), plus any fields the reward reads."""
+    chat = tokenizer if isinstance(tokenizer, ChatFormat) else ChatFormat(tokenizer)
+    tokenizer = chat.tokenizer
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl.records(path, "prompt file"):
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with 'prompt' or 'messages'")
         if "prompt" in row:
@@ -57,7 +51,7 @@ def read_prompts(path: str | Path, tokenizer: Tokenizer) -> list[Prompt]:
             if not isinstance(messages, list) or not messages:
                 raise DataError(f"{where}: 'messages' must be a non-empty list")
             try:
-                ids = tokenizer.chat_ids(messages, add_generation_prompt=True)
+                ids = chat.chat_ids(messages, add_generation_prompt=True)
             except (TokenizerError, KeyError, TypeError) as e:
                 raise DataError(f"{where}: bad messages ({e})") from None
             prompts.append(Prompt(messages, ids, row))
