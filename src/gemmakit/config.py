@@ -114,6 +114,14 @@ def check_fields(cls, values, error: type[GemmaError], what: str) -> None:
         raise error(f"unknown {what} {unknown[0]!r}; known: {', '.join(names)}")
 
 
+def check_positive_ints(obj, names, error: type[GemmaError]) -> None:
+    """Refuses the first of the settings `names` of `obj` that is not a positive integer (a bool is not)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not is_int(value) or value <= 0:
+            raise error(f"{name} must be a positive integer, got {value!r}")
+
+
 FAMILIES = ("gemma", "gemma2", "gemma3")
 
 # Upper bounds on the sizes, orders of magnitude above every published Gemma (vocabulary 262,144,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..chat_template import ChatFormat, ChatTemplate
 from ..checkpoints.metadata import Metadata
-from ..config import GemmaConfig, check_fields
+from ..config import GemmaConfig, check_fields, check_positive_ints
 from ..errors import ConfigError, DataError
 from ..lm import LM
 from ..lm import load as load_model
@@ -73,11 +73,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "log_every",
-                     "eval_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("max_steps", "seq_len", "batch_size", "grad_accum", "eval_every", "save_every",
+                                   "log_every", "eval_batches"), ConfigError)
         if not self.data:
             raise DataError("no training data given")
         if not 0 <= self.val_fraction < 1:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chat_template import ChatFormat
+from ..config import check_positive_ints
 from ..errors import ConfigError, DataError
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
@@ -58,12 +59,8 @@ class PairConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every", "log_every", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
-            raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        check_positive_ints(self, ("epochs", "batch_size", "eval_every", "log_every", "max_len")
+                            + (("max_steps",) if self.max_steps is not None else ()), ConfigError)
         if self.eval_fraction is not None and self.eval_data is not None:
             raise ConfigError("give --eval-data or --eval-fraction, not both")
         if self.eval_fraction is None:

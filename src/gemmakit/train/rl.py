@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..chat_template import ChatFormat
 from ..checkpoints.metadata import Metadata
-from ..config import check_fields
+from ..config import check_fields, check_positive_ints
 from ..errors import ConfigError
 from ..lm import LM
 from ..model import Gemma
@@ -88,11 +88,8 @@ class RLConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_prompts", "samples", "max_new_tokens", "updates", "micro_batch", "eval_every",
-                     "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("steps", "batch_prompts", "samples", "max_new_tokens", "updates", "micro_batch",
+                                   "eval_every", "log_every"), ConfigError)
         if self.algo not in ALGOS:
             raise ConfigError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
         if (self.reward is None) == (self.reward_model is None):
