@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import gemmakit
 from gemmakit.eval import evaluate, make_task
@@ -51,7 +52,14 @@ def test_two_ranks_kill_resume_equal_one_process(tmp_path, tiny_lm):
             choices = [" ".join(words[(i + j + k) % 10] for k in range(3)) for j in range(4)]
             f.write(json.dumps({"question": f"the {words[i % 10]} of {i} is", "choices": choices, "answer": i % 4}) + "\n")
     lm = gemmakit.load(str(model), progress=False)
-    single = evaluate(lm, make_task(lm, "mc", data=[data], shots=1), progress=False)
+    # The ranks run one thread each: so does the reference, since a float32 matmul's sums split
+    # by thread count (on some CPUs), and the records must be equal, not merely close.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = evaluate(lm, make_task(lm, "mc", data=[data], shots=1), progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

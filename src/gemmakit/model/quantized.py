@@ -30,7 +30,7 @@ from .gemma import Gemma, TiedEmbedding
 MODES = ("int8", "int4")
 INT8_GROUP = 32  # int8's group size: the kernel's (and Q8_0's)
 _CHUNK = 4096  # output channels dequantized at a time where the kernel is unavailable
-_INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 (see _int4_unpack)
+_INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 or 32: int4 takes multiples of 64 (see _int4_unpack)
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -241,17 +241,32 @@ def _check_mode(mode: str) -> None:
 def _int4_unpack(packed: torch.Tensor, in_features: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The 0..15 integers (N, K), or (..., K) for output channels `rows`, from the kernel's packing.
 
-    `_convert_weight_to_int4pack_for_cpu` lays out each block of 64 output channels as (K, 32)
-    bytes: byte [k, j] holds channel j in its low nibble and channel 32 + j in its high nibble.
+    `_convert_weight_to_int4pack_for_cpu` lays out each block of b output channels as (K, b/2)
+    bytes: byte [k, j] holds channel j in its low nibble and channel b/2 + j in its high nibble,
+    with b = 64 where torch runs its AVX-512 kernels and 32 where it runs the AVX2 ones (an AMD
+    EPYC with AVX-512 can still be "AVX2" to torch); `_int4_block` finds out which.
     """
-    K = in_features
-    blocks = packed.view(-1, K, 32)  # (N/64, K, 32)
+    K, b = in_features, _int4_block()
+    blocks = packed.view(-1, K, b // 2)  # (N/b, K, b/2)
     if rows is None:
-        ints = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (N/64, K, 64)
+        ints = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (N/b, K, b)
         return ints.transpose(1, 2).reshape(-1, K)  # (N, K)
-    block, j = rows // _INT4_BLOCK_N, rows % _INT4_BLOCK_N
-    bytes_ = blocks[block, :, j % 32]  # (..., K)
-    return torch.where((j >= 32)[..., None], bytes_ >> 4, bytes_ & 15)
+    block, j = rows // b, rows % b
+    bytes_ = blocks[block, :, j % (b // 2)]  # (..., K)
+    return torch.where((j >= b // 2)[..., None], bytes_ >> 4, bytes_ & 15)
+
+
+@lru_cache(maxsize=None)
+def _int4_block() -> int:
+    """The output channels per packed block of this torch build on this CPU: 32 where channel 16
+    shares byte 0 with channel 0 (its high nibble), else 64 (_check_int4_layout verifies it)."""
+    probe = torch.zeros(_INT4_BLOCK_N, 2, dtype=torch.int32)
+    probe[16, 0] = 1
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).flatten()
+    except (RuntimeError, AttributeError):
+        return _INT4_BLOCK_N  # no int4 kernels: _check_int4_layout says so
+    return 32 if int(packed[0]) == 16 else _INT4_BLOCK_N
 
 
 @lru_cache(maxsize=None)
