@@ -23,6 +23,7 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
     # the 1e-3 margin below holds on every machine. Without this the reference's 30-row forward
     # takes AMX, VNNI or bfloat16 blocks by CPU, each with its own rounding.
     monkeypatch.setattr(kernels, "FMA_ROWS", 1 << 30)
+    monkeypatch.setattr(kernels, "FMA_ROWS_NO_VNNI", 1 << 30)
     model = Q.quantize(tiny_model(TINY3, seed=5), "int8")
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist() for n in (5, 9, 3)]
