@@ -31,8 +31,8 @@ _SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "cross_entr
 #   dense        32    33    37    36    42    78
 # The FMA loop keeps float32 activations (exact up to the weights), so it keeps the few rows of
 # one conversation; int8 activations take many streams: on the AMX tile unit where the CPU has
-# one, else VNNI; the dense blocks (bfloat16) take prompts. (Past 64 rows oneDNN's bfloat16
-# matmul wins for the layers' smaller matrices.)
+# one, else VNNI; the dense blocks (bfloat16, float32 without AVX512-BF16) take prompts. (Past 64
+# rows oneDNN's bfloat16 matmul wins for the layers' smaller matrices.)
 FMA_ROWS = 4
 # Without VNNI (AVX2 CPUs) nothing takes int8 activations and the FMA loop beats the dense float32
 # blocks up to ~16 rows (head, AVX2 EPYC, 2 threads, ms: 8 rows 35.6 against 60.5; 16: 70.7, 70.0).
@@ -73,7 +73,7 @@ def extension():
 
 _OP = None  # the op once built; read (not built) inside compiled code
 _INT8_ROWS = VNNI_ROWS  # up to how many rows the activations go int8: AMX_ROWS where it has AMX
-_VNNI = True  # whether the CPU has it (FMA_ROWS applies) or not (FMA_ROWS_NO_VNNI), read at each call
+_VNNI = True  # whether the CPU has VNNI; the row counts themselves are read at each call (tests set them)
 
 
 def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
@@ -87,11 +87,12 @@ def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torc
         _VNNI = bool(_OP) and ext.has_vnni()
     if not _OP or x.device.type != "cpu":
         return None
-    return _OP(x, w, s, FMA_ROWS if _VNNI else FMA_ROWS_NO_VNNI, _INT8_ROWS)
+    return _OP(x, w, s, fma_rows(_VNNI), _INT8_ROWS)
 
 
-def _fma_rows(ext) -> int:
-    return FMA_ROWS if ext.has_vnni() else FMA_ROWS_NO_VNNI
+def fma_rows(vnni: bool) -> int:
+    """Up to how many activation rows the float32 FMA loop runs, on a CPU with VNNI or without."""
+    return FMA_ROWS if vnni else FMA_ROWS_NO_VNNI
 
 
 def _int8_rows(ext) -> int:
@@ -105,7 +106,7 @@ def describe() -> str:
         return "none: plain torch (no compiler, or GEMMAKIT_NO_KERNELS=1)"
     loop = "AMX" if ext.has_amx() else "VNNI" if ext.has_vnni() else None
     many = f", {loop} int8 up to {_int8_rows(ext)}" if loop else ""
-    return f"float32 FMA up to {_fma_rows(ext)} rows{many}, dense blocks above"
+    return f"float32 FMA up to {fma_rows(ext.has_vnni())} rows{many}, dense blocks above"
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:

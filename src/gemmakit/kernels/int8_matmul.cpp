@@ -28,9 +28,12 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kPrefetch = 4096;  // bytes ahead of the weights being read
 #ifdef __AVX512F__
-constexpr bool kWide = true;  // 512-bit vectors: the FMA loop takes tiles of 8 activation rows
+constexpr bool kWide = true;  // 512-bit vectors (32 registers): the FMA loop takes tiles of 8 activation rows
 #else
 constexpr bool kWide = false;
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define GEMMAKIT_AVX2 1
 #endif
 
 #ifdef __AVX512F__
@@ -83,19 +86,7 @@ inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
     for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-template <int NB>
-inline void block_rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
-                       int64_t M, int64_t N, int64_t K, int64_t n) {
-  // The NB weight rows (NB * K bytes) stay in L1 while the activation rows pass over them in
-  // tiles of 8, 4, 2, 1 (NB * 8 accumulators fit the 32 registers only for NB <= 2).
-  int64_t m0 = 0;
-  if constexpr (NB <= 2)
-    for (; m0 + 8 <= M; m0 += 8) block<NB, 8>(x, w, s, y, N, K, n, m0);
-  for (; m0 + 4 <= M; m0 += 4) block<NB, 4>(x, w, s, y, N, K, n, m0);
-  for (; m0 + 2 <= M; m0 += 2) block<NB, 2>(x, w, s, y, N, K, n, m0);
-  if (m0 < M) block<NB, 1>(x, w, s, y, N, K, n, m0);
-}
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif defined(GEMMAKIT_AVX2)
 // The FMA loop on 256-bit vectors, for CPUs without AVX-512 (AMD before Zen 4, most Intel
 // desktops). 16 registers: NB * MT accumulators, NB converted weight chunks, one activation chunk.
 // Each group's scale multiplies its weights as they are converted, whatever the tile: a row's
@@ -133,12 +124,22 @@ inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
     }
 }
 
+#endif
+
+#if defined(__AVX512F__) || defined(GEMMAKIT_AVX2)
 template <int NB>
 inline void block_rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
                        int64_t M, int64_t N, int64_t K, int64_t n) {
+  // The NB weight rows (NB * K bytes) stay in L1 while the activation rows pass over them in tiles
+  // of as many rows as the registers hold accumulators for: 8 (NB <= 2), 4, 2, 1 with 512-bit
+  // vectors; 4 (NB <= 2), 1 with 256-bit ones.
   int64_t m0 = 0;
-  if constexpr (NB <= 2)
+  if constexpr (kWide && NB <= 2)
+    for (; m0 + 8 <= M; m0 += 8) block<NB, 8>(x, w, s, y, N, K, n, m0);
+  if constexpr (kWide || NB <= 2)
     for (; m0 + 4 <= M; m0 += 4) block<NB, 4>(x, w, s, y, N, K, n, m0);
+  if constexpr (kWide)
+    for (; m0 + 2 <= M; m0 += 2) block<NB, 2>(x, w, s, y, N, K, n, m0);
   for (; m0 < M; ++m0) block<NB, 1>(x, w, s, y, N, K, n, m0);
 }
 #endif
@@ -146,7 +147,7 @@ inline void block_rows(const float* x, const int8_t* w, const c10::Half* s, floa
 // Rows n0..n1 of y (M, N) = x (M, K) * w (N, K)^T, scales s (N, K / 32).
 void rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
           int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if defined(__AVX512F__) || defined(GEMMAKIT_AVX2)
   int64_t n = n0;
   if (M >= (kWide ? 8 : 4))
     for (; n + 2 <= n1; n += 2) block_rows<2>(x, w, s, y, M, N, K, n);
@@ -393,7 +394,7 @@ void dequantize_rows(const int8_t* w, const c10::Half* s, Dense* out, int64_t ro
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16 * h)))));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(og + 16 * h), (__m256i)_mm512_cvtneps_pbh(v));
       }
-#elif defined(__AVX2__) && defined(__F16C__)
+#elif defined(GEMMAKIT_AVX2)
       const __m256 scale = _mm256_set1_ps(_cvtsh_ss(s[n * G + g].x));
       for (int c = 0; c < kGroup; c += 8)
         _mm256_storeu_ps(og + c, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(

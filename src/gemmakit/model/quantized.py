@@ -30,7 +30,7 @@ from .gemma import Gemma, TiedEmbedding
 MODES = ("int8", "int4")
 INT8_GROUP = 32  # int8's group size: the kernel's (and Q8_0's)
 _CHUNK = 4096  # output channels dequantized at a time where the kernel is unavailable
-_INT4_BLOCK_N = 64  # the CPU int4 kernel packs output channels in blocks of 64 or 32: int4 takes multiples of 64 (see _int4_unpack)
+_INT4_BLOCK_N = 64  # int4 layers take multiples of 64 output channels (torch packs blocks of 64 or 32: _int4_unpack)
 GROUP_SIZES = (32, 64, 128, 256)
 
 
