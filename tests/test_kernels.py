@@ -2,6 +2,7 @@
 split on, the argmax, and the training loss's cross-entropy rows."""
 
 import os
+import platform
 
 import pytest
 import torch
@@ -27,21 +28,60 @@ def kernel_built():
     assert kernels.extension() is not None, "gemmakit's kernels did not build on this machine"
 
 
+def runs_here(kind):
+    """Whether this CPU runs the kernels built for kernels.VARIANTS[kind]."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return kind == "portable" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.fixture(params=["native", "avx2", "portable"])
+def build(request):
+    """(ops, fma_rows, int8_rows): the kernels for this machine, as models call them, and the same
+    sources built for AVX2 CPUs (256-bit loops, float32 dense blocks) and for none (the
+    compiler's own loops), so that every path runs on every x86-64 machine."""
+    if request.param == "native":
+        ops = kernels.extension()
+        return ops, kernels.fma_rows(ops.has_vnni()), kernels._int8_rows(ops)
+    if not runs_here(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} build ({kernels.VARIANTS[request.param]})")
+    ops = kernels.variant(request.param)
+    assert ops is not None and not ops.has_vnni() and not ops.has_amx()
+    return ops, kernels.fma_rows(False), 0
+
+
 # rows: 1 and 2 (one pass of the 2-row tile), odd counts (the 1-row tail), the FMA loop's last
 # count, the VNNI loop (K a multiple of 64: its 8-row tile and tails) and the dense path above it.
 # 131 output channels: blocks of 4 (2 for VNNI) and a tail; 144: whole tiles of 16 (AMX).
-@pytest.mark.parametrize("rows", [1, 2, 3, kernels.FMA_ROWS, kernels.FMA_ROWS + 1, 13, kernels.VNNI_ROWS, kernels.AMX_ROWS, kernels.AMX_ROWS + 1])
+@pytest.mark.parametrize("rows", sorted({1, 2, 3, kernels.FMA_ROWS, kernels.FMA_ROWS + 1, 13, kernels.FMA_ROWS_NO_VNNI,
+                                         kernels.FMA_ROWS_NO_VNNI + 1, kernels.VNNI_ROWS, kernels.AMX_ROWS, kernels.AMX_ROWS + 1}))
 @pytest.mark.parametrize("k", [32, 96, 640])
 @pytest.mark.parametrize("n", [131, 144])
-def test_int8_group_matmul_equals_the_float64_product(rows, k, n):
+def test_int8_group_matmul_equals_the_float64_product(build, rows, k, n):
+    ops, fma_rows, int8_rows = build
     w, s = int8_weight(n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
-    y = kernels.int8_group_matmul(x, w, s)
+    y = ops.int8_group_matmul(x, w, s, fma_rows, int8_rows)
     expected = reference(x, w, s)
     assert y.shape == (rows, n) and y.dtype == torch.float32
-    # float32 accumulation for few rows; int8 or bfloat16 activations above
-    tol = 1e-5 if rows <= kernels.FMA_ROWS else 1e-2
+    # float32 accumulation for few rows and in the dense blocks without AVX512-BF16 (the AVX2 and
+    # portable builds); int8 or bfloat16 activations otherwise
+    tol = 1e-5 if rows <= fma_rows or ops is not kernels.extension() else 1e-2
     assert ((y.double() - expected).abs().max() / expected.abs().max()) < tol
+
+
+@pytest.mark.parametrize("kind", ["avx2", "portable"])
+def test_the_fma_loops_without_avx512_give_a_row_the_same_result_in_any_batch(kind):
+    """The 256-bit and portable loops use one formula for every tile of rows, so a row's output does
+    not depend on the rows beside it (a request's tokens on what else is decoding)."""
+    if not runs_here(kind):
+        pytest.skip(f"this CPU cannot run the {kind} build")
+    ops = kernels.variant(kind)
+    w, s = int8_weight(131, 640)
+    x = torch.randn(kernels.FMA_ROWS_NO_VNNI, 640, generator=torch.Generator().manual_seed(6))
+    batch = ops.fma_matmul(x, w, s)
+    for m in (0, 5, x.shape[0] - 1):
+        assert torch.equal(ops.fma_matmul(x[m:m + 1].contiguous(), w, s)[0], batch[m])
 
 
 @pytest.mark.parametrize("rows", [2, kernels.FMA_ROWS + 1])
@@ -138,7 +178,7 @@ def test_argmax_rows_is_torchs_first_maximum():
 # check that exp neither overflows nor loses the maximum's row.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_softmax_cross_entropy_rows_equal_the_float64_loss_and_gradient(dtype, softcap):
+def test_softmax_cross_entropy_rows_equal_the_float64_loss_and_gradient(build, dtype, softcap):
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(37, 1003, generator=g) * 6).to(dtype)
     z[3] = -1e4
@@ -150,7 +190,7 @@ def test_softmax_cross_entropy_rows_equal_the_float64_loss_and_gradient(dtype, s
     want = torch.nn.functional.cross_entropy(capped, t, reduction="none")
     want.sum().backward()
     grad = z.clone()
-    loss = kernels.softmax_cross_entropy_(grad, t, softcap)
+    loss = build[0].softmax_cross_entropy_(grad, t, 0.0 if softcap is None else softcap)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
     # float32: the float64 gradient to rounding; bfloat16: to its 8-bit mantissa

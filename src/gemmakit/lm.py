@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, kernels
 from .chat import ChatSession
 from .chat_template import ChatFormat
 from .checkpoints import converted
@@ -54,6 +54,8 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
     name = f"random {source.family}" if isinstance(source, GemmaConfig) else str(source)  # what servers show
     if isinstance(source, str) and source in PRESETS and not os.path.exists(source):
         source = PRESETS[source]
+    if quantize and device.type == "cpu":  # the int8 kernels compile (a first run) while the file is read
+        kernels.build_in_background()
     if quantize == "auto":  # random weights stay as they are
         q = None if isinstance(source, GemmaConfig) else converted.auto(source, device)
         quantize = q and q.mode

@@ -6,7 +6,7 @@ per-channel one (`_weight_int8pack_mm`) reads the weights at under half of memor
 `softmax_cross_entropy_(z, targets, softcap)`: the training loss's per-block cross-entropy and
 its gradient in one pass over the logits (see cross_entropy.cpp).
 
-The C++ sources are built once with `-march=native` by torch's extension loader (about 30 s,
+The C++ sources are built once with `-march=native` by torch's extension loader (about 10 s,
 cached under ~/.cache/torch_extensions). Where they cannot be built (no compiler) or
 GEMMAKIT_NO_KERNELS=1, the functions here return None and callers use plain torch instead.
 GEMMAKIT_NO_AMX=1 keeps the int8 kernel off the AMX tile unit (VNNI takes its rows).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -41,34 +42,62 @@ VNNI_ROWS = 24
 AMX_ROWS = 64
 
 
+_BUILD = threading.Lock()
+
+
 @lru_cache(maxsize=None)
-def extension():
-    """The built extension module, or None; building it registers torch.ops.gemmakit's ops.
-    (Its own functions, `fma_matmul`, `vnni_matmul`, `amx_matmul`, `has_vnni` and `has_amx`, are
-    there for tests; `argmax_rows` is `argmax` below.)"""
-    if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
-        return None
+def _build(name: str, march: str) -> object | None:
+    """torch.ops.<name>, its ops built from the sources for `march` (once, cached under
+    ~/.cache/torch_extensions), or None where they cannot be built."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    name = "gemmakit_kernels"
     built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    if not built.exists():
-        print("gemmakit: compiling its CPU kernels for this machine (once, about 30 s)", file=sys.stderr, flush=True)
+    if not built.exists() and name == "gemmakit":
+        print("gemmakit: compiling its CPU kernels for this machine (once, about 10 s)", file=sys.stderr, flush=True)
     try:
         # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
         # libgomp torch already loaded is the one used, so both share torch's thread pool).
-        module = load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                      extra_ldflags=["-fopenmp"], verbose=False)
+        load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", f"-march={march}", "-fopenmp", f"-DGEMMAKIT_NS={name}"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        warnings.warn(f"gemmakit: CPU kernels unavailable ({first}); using slower torch ops", stacklevel=3)
+        warnings.warn(f"gemmakit: CPU kernels unavailable ({first}); using slower torch ops", stacklevel=4)
         return None
+    ops = getattr(torch.ops, name)
 
-    @torch.library.register_fake("gemmakit::int8_group_matmul")
+    @torch.library.register_fake(f"{name}::int8_group_matmul")
     def _(x, w, s, fma_rows, int8_rows):  # shapes for torch.compile's tracing
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
-    return module
+    return ops
+
+
+def extension():
+    """The kernels built for this machine (torch.ops.gemmakit), or None. Their op
+    `int8_group_matmul` is what models call; the loops one at a time (`fma_matmul`, `vnni_matmul`,
+    `amx_matmul`), `has_vnni()`, `has_amx()` and `argmax_rows` (`argmax` below) are there for
+    tests and this module."""
+    if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
+        return None
+    with _BUILD:  # one build, whichever thread asks first (see build_in_background)
+        return _build("gemmakit", "native")
+
+
+def build_in_background() -> None:
+    """Starts building the kernels on a thread of their own, where they are not built yet, so that
+    a first run compiles them while it reads and converts its checkpoint."""
+    if os.environ.get("GEMMAKIT_NO_KERNELS") != "1" and not _build.cache_info().currsize:
+        threading.Thread(target=extension, name="gemmakit-kernels", daemon=True).start()
+
+
+# Instruction sets the tests build the same sources for, to run each path on any x86-64 machine:
+# the 256-bit loops of AVX2 CPUs, and the portable loops of a compiler on its own.
+VARIANTS = {"avx2": "x86-64-v3", "portable": "x86-64"}
+
+
+def variant(kind: str):
+    """torch.ops.gemmakit_<kind>: the kernels built for VARIANTS[kind] (None where they cannot be)."""
+    return _build(f"gemmakit_{kind}", VARIANTS[kind])
 
 
 _OP = None  # the op once built; read (not built) inside compiled code
@@ -82,7 +111,7 @@ def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torc
     global _OP, _INT8_ROWS, _VNNI
     if _OP is None and not torch.compiler.is_compiling():
         ext = extension()
-        _OP = ext is not None and torch.ops.gemmakit.int8_group_matmul
+        _OP = ext is not None and ext.int8_group_matmul
         _INT8_ROWS = _int8_rows(ext) if _OP else VNNI_ROWS
         _VNNI = bool(_OP) and ext.has_vnni()
     if not _OP or x.device.type != "cpu":
@@ -115,7 +144,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     not loaded yet (greedy sampling of a float model does not build it just for this)."""
     if not _OP or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1:
         return None
-    return extension().argmax_rows(x)
+    return torch.ops.gemmakit.argmax_rows(x)
 
 
 def softmax_cross_entropy_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor | None:

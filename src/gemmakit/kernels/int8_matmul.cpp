@@ -7,9 +7,15 @@
 // is the weights'), and each weight row is read once for all of them (they stay in L1). Many
 // streams at once round the activations to int8 too (the VNNI and AMX loops further down).
 
-#include <torch/extension.h>
+// Only the headers the kernels use: <torch/extension.h> (pybind11 and all of torch's C++ API)
+// takes ~20 s of a first run's build, these ~4 s.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -411,9 +417,9 @@ void dequantize_rows(const int8_t* w, const c10::Half* s, Dense* out, int64_t ro
 
 // The weight operand every entry point takes: int8 w (N, K) and its float16 scales s (N, K / 32),
 // with K a multiple of `multiple` (32, or 64 where a loop reads two groups at a time).
-void check_weights(const torch::Tensor& w, const torch::Tensor& s, int64_t K, int64_t multiple) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
-  TORCH_CHECK(s.scalar_type() == torch::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
+void check_weights(const at::Tensor& w, const at::Tensor& s, int64_t K, int64_t multiple) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
+  TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
   TORCH_CHECK(w.size(1) == K && K % multiple == 0, "w must be (N, K) with K a multiple of ", multiple);
   TORCH_CHECK(s.numel() == w.size(0) * (K / kGroup), "s must hold N * K / 32 scales");
 }
@@ -422,14 +428,14 @@ void check_weights(const torch::Tensor& w, const torch::Tensor& s, int64_t K, in
 // whole blocks of `block` rows (N a multiple of it). `prepare(x, w, s, M, N, K)` readies the
 // activations once and returns the work of one task, `work(y, n0, n1)`, which fills columns n0..n1 of y.
 template <class Prepare>
-torch::Tensor over_weight_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
+at::Tensor over_weight_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                                int64_t multiple, int64_t block, Prepare prepare) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   check_weights(w, s, K, multiple);
   TORCH_CHECK(N % block == 0, "w must have a multiple of ", block, " rows");
   const auto work = prepare(x.data_ptr<float>(), w.data_ptr<int8_t>(), s.data_ptr<c10::Half>(), M, N, K);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   // A task of at least ~64 KiB of weights, in blocks of 4 rows: smaller ones cost more in scheduling than they save.
   const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
@@ -438,7 +444,7 @@ torch::Tensor over_weight_rows(const torch::Tensor& x, const torch::Tensor& w, c
   return y;
 }
 
-torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+at::Tensor fma_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
   return over_weight_rows(x, w, s, kGroup, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
                                               int64_t M, int64_t N, int64_t K) {
     return [=](float* yp, int64_t n0, int64_t n1) { rows(xp, wp, sp, yp, M, N, K, n0, n1); };
@@ -449,12 +455,12 @@ torch::Tensor fma_matmul(const torch::Tensor& x, const torch::Tensor& w, const t
 // out of arithmetic: each thread turns an L2-sized block of weight rows into `Dense` (bfloat16 or
 // float32) and hands it to torch's dense matmul (oneDNN: AMX, AVX512-BF16 or float32 FMA), with the
 // activations in the same type.
-torch::Tensor dense_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+at::Tensor dense_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: floating point (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   check_weights(w, s, K, kGroup);
   const auto xb = x.to(c10::CppTypeToScalarType<Dense>::value).contiguous();
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* wp = w.data_ptr<int8_t>();
   const c10::Half* sp = s.data_ptr<c10::Half>();
   const int64_t G = K / kGroup;
@@ -463,11 +469,11 @@ torch::Tensor dense_matmul(const torch::Tensor& x, const torch::Tensor& w, const
   at::parallel_for(0, N, chunk, [&](int64_t n0, int64_t n1) {
     // Worker threads do not inherit the caller's inference mode, so y (maybe an inference
     // tensor) is written through its pointer, not by a torch op.
-    auto buf = torch::empty({chunk, K}, xb.options());
+    auto buf = at::empty({chunk, K}, xb.options());
     for (int64_t c = n0; c < n1; c += chunk) {
       const int64_t rows = std::min(chunk, n1 - c);
       dequantize_rows(wp + c * K, sp + c * G, buf.data_ptr<Dense>(), rows, K);
-      const auto yc = at::mm(xb, buf.narrow(0, 0, rows).t()).to(torch::kFloat).contiguous();  // (M, rows)
+      const auto yc = at::mm(xb, buf.narrow(0, 0, rows).t()).to(at::kFloat).contiguous();  // (M, rows)
       for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * N + c, yc.data_ptr<float>() + m * rows, rows * sizeof(float));
     }
   });
@@ -494,7 +500,7 @@ bool has_amx() {
 #endif
 }
 
-torch::Tensor amx_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+at::Tensor amx_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
 #ifdef GEMMAKIT_AMX
   TORCH_CHECK(amx_granted(), "the OS did not grant this process the AMX tile registers");
   return over_weight_rows(x, w, s, kGroup, 16, [](const float* xp, const int8_t* wp, const c10::Half* sp,
@@ -508,7 +514,7 @@ torch::Tensor amx_matmul(const torch::Tensor& x, const torch::Tensor& w, const t
 #endif
 }
 
-torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s) {
+at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
   return over_weight_rows(x, w, s, 2 * kGroup, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
                                                   int64_t M, int64_t N, int64_t K) {
@@ -525,11 +531,11 @@ torch::Tensor vnni_matmul(const torch::Tensor& x, const torch::Tensor& w, const 
 // one (torch's max(-1).indices), for greedy decoding: torch's max with indices reads the 262k
 // logits of a row at ~1 GB/s (3.5 ms for 16 rows); its max without them runs 8x faster. So: the
 // maximum first, vectorized, then the first place it occurs.
-torch::Tensor argmax_rows(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1 && x.size(1) > 0,
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 0,
               "x: float32 (M, N) with unit stride along N, N > 0");
   const int64_t M = x.size(0), N = x.size(1), stride = x.stride(0);
-  auto out = torch::empty({M}, torch::kLong);
+  auto out = at::empty({M}, at::kLong);
   const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
@@ -576,30 +582,41 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
 // The op torch sees (eager and compiled alike, no Python in between): the FMA loop up to
 // fma_rows activation rows, int8 activations up to int8_rows (the AMX loop where the CPU and OS
 // offer it and N is a multiple of 16, else VNNI where K is a multiple of 64), the dense blocks above.
-torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
+at::Tensor int8_group_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                                 int64_t fma_rows, int64_t int8_rows) {
   TORCH_CHECK(x.dim() == 2, "x: (M, K)");
   const int64_t M = x.size(0);
-  if (M <= fma_rows) return fma_matmul(x.to(torch::kFloat).contiguous(), w, s);
-  if (M <= int8_rows && has_amx() && w.size(0) % 16 == 0) return amx_matmul(x.to(torch::kFloat).contiguous(), w, s);
+  if (M <= fma_rows) return fma_matmul(x.to(at::kFloat).contiguous(), w, s);
+  if (M <= int8_rows && has_amx() && w.size(0) % 16 == 0) return amx_matmul(x.to(at::kFloat).contiguous(), w, s);
   if (M <= int8_rows && has_vnni() && x.size(1) % (2 * kGroup) == 0)
-    return vnni_matmul(x.to(torch::kFloat).contiguous(), w, s);
+    return vnni_matmul(x.to(at::kFloat).contiguous(), w, s);
   return dense_matmul(x, w, s);
 }
 
-TORCH_LIBRARY(gemmakit, m) {
+// GEMMAKIT_NS: the ops' namespace, `gemmakit` for the build for this machine; tests build the
+// same source for other instruction sets under other names (kernels/__init__.py, `variant`).
+TORCH_LIBRARY(GEMMAKIT_NS, m) {
   m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows, int int8_rows) -> Tensor");
+  // the loops one at a time and what the build has, for tests and `describe()`
+  m.def("fma_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
+  m.def("vnni_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
+  m.def("amx_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("has_vnni() -> bool");
+  m.def("has_amx() -> bool");
+  m.def("softmax_cross_entropy_(Tensor(a!) z, Tensor targets, float softcap) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gemmakit, CPU, m) {
+TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CPU, m) {
   m.impl("int8_group_matmul", &int8_group_matmul);
+  m.impl("fma_matmul", &fma_matmul);
+  m.impl("vnni_matmul", &vnni_matmul);
+  m.impl("amx_matmul", &amx_matmul);
+  m.impl("argmax_rows", &argmax_rows);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // the op above is the interface; these are for tests
-  m.def("has_vnni", &has_vnni);
-  m.def("has_amx", &has_amx);
-  m.def("argmax_rows", &argmax_rows);
-  m.def("amx_matmul", &amx_matmul);
-  m.def("vnni_matmul", &vnni_matmul);
-  m.def("fma_matmul", &fma_matmul);
+// Ops without tensor arguments have no dispatch key to pick a backend by.
+TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CompositeExplicitAutograd, m) {
+  m.impl("has_vnni", &has_vnni);
+  m.impl("has_amx", &has_amx);
 }
