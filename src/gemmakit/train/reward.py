@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,9 +121,10 @@ class RewardConfig(PairConfig):
     pass
 
 
-def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
-    """Trains a reward model; returns its folder (see RewardModel.save) and the last held-out
-    metrics (val_loss, val_accuracy, val_margin)."""
+def train_reward(cfg: RewardConfig, on_step: Callable[[int, dict], None] | None = None) -> tuple[Path, dict]:
+    """Trains (or, with cfg.resume, resumes training) a reward model; returns its folder (see
+    RewardModel.save) and the last held-out metrics (val_loss, val_accuracy, val_margin).
+    `on_step(step, record)`: after each optimizer step."""
     out = check_out(cfg)
     body, tok, meta = _base_model(cfg)
     if tok is None:
@@ -141,7 +143,7 @@ def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
 
     with atomic_path(out / "reward_config.json") as tmp:
         tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    result = fit(cfg, model, objective, train, held, out, "reward model")
+    result = fit(cfg, model, body.config, objective, train, held, out, "reward model", on_step)
     if cfg.lora_rank > 0:
         lora.save_adapter(model.body, out / "adapter", base_model=str(cfg.model))
         model.body = lora.merge(model.body)
