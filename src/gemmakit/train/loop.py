@@ -346,14 +346,18 @@ def _full_model(model, module: Gemma, config: GemmaConfig, world, cfg: TrainConf
 
 
 def save_model(lm: LM, out: Path, progress: bool = True) -> None:
-    """Makes `out` a Hugging Face folder that `gemmakit.load(out)` reads, beside the run's own files:
-    written whole into a staging folder, then moved in with config.json last, so a reader never
-    finds a config without its weights."""
+    """Makes `out` a Hugging Face folder that `gemmakit.load(out)` reads, beside the run's own files."""
+    save_folder(out, partial(lm.save, progress=progress))
+
+
+def save_folder(out: Path, write: Callable[[Path], object]) -> None:
+    """`write(folder)` writes a Hugging Face folder whole into a staging folder, whose files are then
+    moved into `out` with config.json last, so a reader never finds a config without its weights."""
     import shutil
 
     staging = out / ".model.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    lm.save(staging, progress=progress)
+    write(staging)
     for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(f, out / f.name)
     staging.rmdir()
