@@ -287,6 +287,7 @@ def tensors(folder) -> dict[str, torch.Tensor]:
     return {name: t for f in sorted(folder.glob("*.safetensors")) for name, t in load_file(f).items()}
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("objective", ["dpo", "reward"])
 def test_a_stopped_run_resumes_on_the_uninterrupted_curve(setup, tmp_path, objective):
     """DPO with LoRA (adapter-only checkpoints) and a full reward model (body and head): stopped after

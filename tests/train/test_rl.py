@@ -211,6 +211,7 @@ def test_the_rollout_copy_follows_the_policy(tiny_config):
         assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().to(torch.bfloat16)), name
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_stopped_run_resumes_on_the_uninterrupted_curve(tmp_path, task):
     """GRPO with full weights (a frozen reference copy, a bfloat16 rollout copy): stopped after step 3
     with checkpoints at 2, resumed from 2, the run equals one that never stopped, exactly (one
