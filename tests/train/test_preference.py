@@ -213,10 +213,14 @@ def test_dpo_command_lora_trains_and_caches_the_reference(setup, tmp_path, capsy
     assert not torch.allclose(tuned.logits(ids), base.logits(ids))
 
 
-def test_reward_command_saves_a_model_that_scores(setup, tmp_path):
+def test_reward_command_saves_a_model_that_scores(setup, tmp_path, capsys):
     out = tmp_path / "rm"
-    assert main(["reward", "--model", str(setup.root / "policy"), "--data", str(setup.root / "pairs.jsonl"),
-                 "--out", str(out), "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3", "--no-progress"]) == 0
+    argv = ["reward", "--model", str(setup.root / "policy"), "--data", str(setup.root / "pairs.jsonl"),
+            "--out", str(out), "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3", "--no-progress"]
+    assert main(argv) == 0
+    assert main(argv) == 1  # over a finished run's checkpoints
+    assert "already holds training checkpoints; pass --resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # from its last checkpoint: nothing left to train, the model written again
     rm = RewardModel.load(out)
     prompt = [{"role": "user", "content": "what is 2 and 3"}]
     scores = rm.score([prompt, prompt, "2 and 3 is"], ["2 and 3 is 5", "the cat sat", " 5"])

@@ -57,11 +57,11 @@ def _flags(values: dict) -> list[str]:
 @pytest.mark.parametrize("algo, lora, updates", [("grpo", 0, 1), ("rloo", 4, 2)])
 def test_rl_runs_and_writes_a_model(tmp_path, task, capsys, algo, lora, updates):
     out = tmp_path / "out"
-    code = main(["rl", *_flags(task), "--out", str(out), "--algo", algo, "--lora-rank", str(lora),
-                 "--updates", str(updates), "--steps", "2", "--batch-prompts", "2", "--samples", "3",
-                 "--max-new-tokens", "6", "--micro-batch", "4", "--eval-prompts", task["prompts"], "--lr", "1e-3",
-                 "--beta", "0.1", "--no-progress"])
-    assert code == 0
+    argv = ["rl", *_flags(task), "--out", str(out), "--algo", algo, "--lora-rank", str(lora),
+            "--updates", str(updates), "--steps", "2", "--batch-prompts", "2", "--samples", "3",
+            "--max-new-tokens", "6", "--micro-batch", "4", "--eval-prompts", task["prompts"], "--lr", "1e-3",
+            "--beta", "0.1", "--no-progress"]
+    assert main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -79,6 +79,10 @@ def test_rl_runs_and_writes_a_model(tmp_path, task, capsys, algo, lora, updates)
              if not torch.equal(p, start.module.get_parameter(n))]
     assert moved and (not lora or all(".attn." in n or ".mlp." in n for n in moved))
     assert "held-out reward" in capsys.readouterr().out
+    if not lora:  # resumed at its last checkpoint: nothing left to do, one line, the same curve
+        assert main([*argv, "--resume"]) == 0
+        assert capsys.readouterr().out == f"{out}: 2 steps\n"
+        assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
 
 
 @pytest.mark.parametrize("function, message", [
