@@ -18,7 +18,7 @@ from gemmakit.train.reward import RewardModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = {"vocab_size": 384, "d_model": 64, "ffn_dim": 128, "head_dim": 16, "max_seq_len": 128}  # the tiny tokenizer's 384
+SMALL = {"vocab_size": 384, "d_model": 64, "ffn_dim": 128, "head_dim": 16, "max_seq_len": 128}  # vocab: the tiny tokenizer
 CONFIGS = {
     "gemma": GemmaConfig(family="gemma", n_layers=2, n_heads=4, n_kv_heads=1, **SMALL),  # MQA
     # a soft-cap small enough to bite at these logit sizes, a query scale that is not head_dim

@@ -73,7 +73,8 @@ def save(folder: Path, model, optimizer, scheduler, step: int, meta: dict, keep:
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                torch.save({"model": model_state, "optimizer": optim_state,
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "step": step, "rng": torch.get_rng_state(), "meta": meta}, f)
                 f.flush()
                 os.fsync(f.fileno())  # the rename must not land before the bytes do
