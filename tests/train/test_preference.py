@@ -14,6 +14,7 @@ import gemmakit
 from gemmakit.checkpoints.hf import tensor_names
 from gemmakit.cli.main import main
 from gemmakit.config import GemmaConfig
+from gemmakit.errors import CheckpointError
 from gemmakit.lm import LM
 from gemmakit.model import Gemma
 from gemmakit.train import pairs
@@ -212,10 +213,14 @@ def test_dpo_command_lora_trains_and_caches_the_reference(setup, tmp_path, capsy
     assert not torch.allclose(tuned.logits(ids), base.logits(ids))
 
 
-def test_reward_command_saves_a_model_that_scores(setup, tmp_path):
+def test_reward_command_saves_a_model_that_scores(setup, tmp_path, capsys):
     out = tmp_path / "rm"
-    assert main(["reward", "--model", str(setup.root / "policy"), "--data", str(setup.root / "pairs.jsonl"),
-                 "--out", str(out), "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3", "--no-progress"]) == 0
+    argv = ["reward", "--model", str(setup.root / "policy"), "--data", str(setup.root / "pairs.jsonl"),
+            "--out", str(out), "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3", "--no-progress"]
+    assert main(argv) == 0
+    assert main(argv) == 1  # over a finished run's checkpoints
+    assert "already holds training checkpoints; pass --resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # from its last checkpoint: nothing left to train, the model written again
     rm = RewardModel.load(out)
     prompt = [{"role": "user", "content": "what is 2 and 3"}]
     scores = rm.score([prompt, prompt, "2 and 3 is"], ["2 and 3 is 5", "the cat sat", " 5"])
@@ -259,3 +264,60 @@ def test_bad_settings_are_refused_before_anything_loads():
         DPOConfig(model="m", data="d", out="o", loss="kto")
     assert DPOConfig(model="m", data="d", out="o", loss="simpo").beta == 2.0
     assert DPOConfig(model="m", data="d", out="o", eval_data="held.jsonl").eval_fraction == 0.0
+
+
+# -- checkpoints and resume -------------------------------------------------------------------------
+class Stopped(Exception):
+    pass
+
+
+def stop_after(k: int):
+    def on_step(step, record):
+        if step == k:
+            raise Stopped
+
+    return on_step
+
+
+def curve(out) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds_per_step"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {name: t for f in sorted(folder.glob("*.safetensors")) for name, t in load_file(f).items()}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_a_stopped_run_resumes_on_the_uninterrupted_curve(setup, tmp_path, objective):
+    """DPO with LoRA (adapter-only checkpoints) and a full reward model (body and head): stopped after
+    step 5 with checkpoints at 2 and 4, resumed from 4, the run equals one that never stopped. One
+    process, the same thread count and the same operations on the same bits: exactly equal."""
+    from gemmakit.errors import ConfigError
+    from gemmakit.train.dpo import DPOConfig, dpo
+    from gemmakit.train.reward import RewardConfig, train_reward
+
+    run, make = (dpo, DPOConfig) if objective == "dpo" else (train_reward, RewardConfig)
+    # 9 training pairs in batches of 3: step 4 is the middle of the second epoch.
+    values = dict(model=str(setup.root / "policy"), data=str(setup.root / "pairs.jsonl"), batch_size=3,
+                  max_steps=6, eval_fraction=0.25, eval_every=3, save_every=2, progress=False,
+                  **({"lora_rank": 4, "lr": 1e-2} if objective == "dpo" else {"lr": 1e-3}))
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    run(make(**values, out=str(full)))
+    with pytest.raises(Stopped):
+        run(make(**values, out=str(stopped)), on_step=stop_after(5))
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-000002.pt", "step-000004.pt"]
+    assert [r["step"] for r in curve(stopped) if "loss" in r] == [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="already holds training checkpoints; pass --resume"):
+        run(make(**values, out=str(stopped)))
+    run(make(**values, out=str(stopped), resume=True))
+    assert [r["step"] for r in curve(stopped) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one curve
+    assert curve(stopped) == curve(full)
+    ours, theirs = tensors(stopped), tensors(full)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(CheckpointError, match="another run: max_steps is 6 there, 8 here"):
+        run(make(**values | {"max_steps": 8}, out=str(stopped), resume=True))

@@ -57,11 +57,11 @@ def _flags(values: dict) -> list[str]:
 @pytest.mark.parametrize("algo, lora, updates", [("grpo", 0, 1), ("rloo", 4, 2)])
 def test_rl_runs_and_writes_a_model(tmp_path, task, capsys, algo, lora, updates):
     out = tmp_path / "out"
-    code = main(["rl", *_flags(task), "--out", str(out), "--algo", algo, "--lora-rank", str(lora),
-                 "--updates", str(updates), "--steps", "2", "--batch-prompts", "2", "--samples", "3",
-                 "--max-new-tokens", "6", "--micro-batch", "4", "--eval-prompts", task["prompts"], "--lr", "1e-3",
-                 "--beta", "0.1", "--no-progress"])
-    assert code == 0
+    argv = ["rl", *_flags(task), "--out", str(out), "--algo", algo, "--lora-rank", str(lora),
+            "--updates", str(updates), "--steps", "2", "--batch-prompts", "2", "--samples", "3",
+            "--max-new-tokens", "6", "--micro-batch", "4", "--eval-prompts", task["prompts"], "--lr", "1e-3",
+            "--beta", "0.1", "--no-progress"]
+    assert main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -79,6 +79,10 @@ def test_rl_runs_and_writes_a_model(tmp_path, task, capsys, algo, lora, updates)
              if not torch.equal(p, start.module.get_parameter(n))]
     assert moved and (not lora or all(".attn." in n or ".mlp." in n for n in moved))
     assert "held-out reward" in capsys.readouterr().out
+    if not lora:  # resumed at its last checkpoint: nothing left to do, one line, the same curve
+        assert main([*argv, "--resume"]) == 0
+        assert capsys.readouterr().out == f"{out}: 2 steps\n"
+        assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == records
 
 
 @pytest.mark.parametrize("function, message", [
@@ -209,3 +213,43 @@ def test_the_rollout_copy_follows_the_policy(tiny_config):
     refresh()
     for (name, p), q in zip(policy.named_parameters(), sampler.parameters()):
         assert q.dtype == torch.bfloat16 and torch.equal(q, p.detach().to(torch.bfloat16)), name
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_stopped_run_resumes_on_the_uninterrupted_curve(tmp_path, task):
+    """GRPO with full weights (a frozen reference copy, a bfloat16 rollout copy): stopped after step 3
+    with checkpoints at 2, resumed from 2, the run equals one that never stopped, exactly (one
+    process, the same operations on the same bits; every sample's seed is a function of the step)."""
+    from safetensors.torch import load_file
+
+    from gemmakit.errors import ConfigError
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise Stopped
+
+    # 8 prompts, 3 a step: step 3 straddles the first and the second epoch of the prompt order.
+    settings = dict(task, steps=4, batch_prompts=3, samples=2, max_new_tokens=4, micro_batch=4, lr=3e-3, beta=0.1,
+                    save_every=2, eval_every=2, eval_prompts=task["prompts"], progress=False)
+    full = train_rl(RLConfig(**settings, out=str(tmp_path / "full")))
+    out = tmp_path / "stopped"
+    with pytest.raises(Stopped):
+        train_rl(RLConfig(**settings, out=str(out)), on_step=stop_after_3)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002.pt"]
+    with pytest.raises(ConfigError, match="already holds training checkpoints; pass --resume"):
+        train_rl(RLConfig(**settings, out=str(out)))
+    resumed = train_rl(RLConfig(**settings, out=str(out), resume=True))
+
+    def timeless(records):
+        return [{k: v for k, v in r.items() if k not in ("rollout_tokens_per_s", "step_s")} for r in records]
+
+    assert timeless(resumed.records) == timeless(full.records[2:])
+    assert resumed.eval_rewards == full.eval_rewards[2:]  # of steps 0, 2 and 4
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert timeless(logged) == timeless(json.loads(line) for line in
+                                        (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -3,6 +3,10 @@
 The HF layout is described once and used in both directions: `tensor_names` (our parameter names
 -> HF names) and `config_from_hf` / `hf_config` (HF config fields <-> GemmaConfig, the writer checks
 that the reader gives its config back).
+
+A folder may also be transformers' `*ForSequenceClassification` (a reward model): the same body
+and config with a `score.weight` head of `num_labels` rows, which `read` leaves out (the Gemma
+module has no place for it) and `save(score=...)` writes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ MODEL_TYPES = {
     "gemma3_text": ("gemma3", "Gemma3ForCausalLM"),
 }
 MULTIMODAL = "gemma3"
+# model_type -> transformers' sequence classifier on that body (AutoModelForSequenceClassification's
+# choice for the model_type): the last non-pad token's final-norm output through `score`, no bias.
+CLASSIFIERS = {"gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+               "gemma3_text": "Gemma3TextForSequenceClassification"}
+SCORE = "score.weight"  # the classifier's head, outside the `model.` prefix
 
 # The defaults of transformers' config classes: Hub configs (the multimodal text_config above all)
 # leave out every field that has its default.
@@ -211,13 +220,15 @@ def _rope(c: dict, model_type: str, path) -> dict[str, tuple[float, float]]:
     return out
 
 
-def hf_config(config: GemmaConfig, dtype: torch.dtype = torch.float32, tokenizer: Tokenizer | None = None) -> dict:
-    """The config.json transformers expects for this model; ConfigError if HF cannot express it."""
+def hf_config(config: GemmaConfig, dtype: torch.dtype = torch.float32, tokenizer: Tokenizer | None = None,
+              num_labels: int | None = None) -> dict:
+    """The config.json transformers expects for this model (with `num_labels`: for its sequence
+    classifier); ConfigError if HF cannot express it."""
     c = config
     model_type = next(t for t, (family, _) in MODEL_TYPES.items() if family == c.family)
     dtype_name = str(dtype).removeprefix("torch.")
     out = {
-        "architectures": [MODEL_TYPES[model_type][1]],
+        "architectures": [MODEL_TYPES[model_type][1] if num_labels is None else CLASSIFIERS[model_type]],
         "model_type": model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.d_model,
@@ -253,6 +264,11 @@ def hf_config(config: GemmaConfig, dtype: torch.dtype = torch.float32, tokenizer
         else:
             out["rope_parameters"] = {SLIDING: {"rope_type": "default", "rope_theta": c.rope_theta}, FULL: global_rope}
 
+    if num_labels is not None:
+        # transformers counts the labels from id2label (2 without one), and the classifier scores
+        # the last token that is not pad_token_id, set above: each row's own last token.
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
     back = config_from_hf(out)
     if _normalised(back) != _normalised(config):
         field = next(f for f, v in _normalised(config).items() if _normalised(back)[f] != v)
@@ -296,8 +312,10 @@ def read(folder: str | os.PathLike) -> Checkpoint:
         if prefix is not None:
             rest = name[len(prefix):]
             tensors[ours.get(rest, name)] = TensorRef(shape, loaders[name])
-        elif name.endswith("lm_head.weight") or multimodal:
-            continue  # the output layer is tied to the embedding; vision tensors are not ours to run
+        elif name.endswith("lm_head.weight") or name == SCORE or multimodal:
+            # the output layer is tied to the embedding; a classifier's head and vision tensors are
+            # not the language model's (train/reward.py reads the head)
+            continue
         else:
             tensors[name] = TensorRef(shape, loaders[name])  # build() reports it as unexpected
 
@@ -430,16 +448,21 @@ def _is_count(x) -> bool:
 
 # -- writing --------------------------------------------------------------------------------------
 def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, progress: bool = True,
-         max_shard_bytes: int = 5 * 2**30, meta: metadata.Metadata | None = None) -> Path:
+         max_shard_bytes: int = 5 * 2**30, meta: metadata.Metadata | None = None,
+         score: torch.Tensor | None = None) -> Path:
     """Writes a model (a Gemma module) as a Hugging Face folder that transformers loads (config.json,
     model.safetensors or shards + index, the tokenizer; `LM.save` passes its own, and its chat template
-    and generation defaults as `meta`). All or nothing (paths.atomic_path). Never overwrites a
-    non-empty folder."""
+    and generation defaults as `meta`). With `score` (num_labels, d_model), the folder is transformers'
+    sequence classifier on the model (CLASSIFIERS) with that head. All or nothing (paths.atomic_path).
+    Never overwrites a non-empty folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     _check_target(folder)
-    config = hf_config(module.config, module.dtype, tokenizer)
+    if score is not None and (score.dim() != 2 or score.shape[1] != module.config.d_model):
+        raise CheckpointError(f"{folder}: a classifier head must be (num_labels, {module.config.d_model}), "
+                              f"got {list(score.shape)}")
+    config = hf_config(module.config, module.dtype, tokenizer, num_labels=None if score is None else score.shape[0])
     meta = meta or metadata.Metadata()
     names = tensor_names(module.config)
     state = {}
@@ -451,6 +474,8 @@ def save(module, folder: str | os.PathLike, tokenizer: Tokenizer | None = None, 
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # a view into a larger tensor (a sliced, padded embedding): safetensors wants its own
         state["model." + names[name]] = t
+    if score is not None:
+        state[SCORE] = score.detach().to("cpu", module.dtype).contiguous()
     shards = _shards(state, max_shard_bytes)
 
     with atomic_path(folder) as tmp:

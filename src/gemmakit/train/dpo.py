@@ -15,8 +15,8 @@ share of pairs whose chosen reward is the higher, margin the mean difference.
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,8 +104,7 @@ def reference_logps(cfg: DPOConfig, model, sets: list[list[pairs.Pair]], pad_id:
     """{pair.where: (chosen logp, rejected logp)} of the starting model, for every pair of `sets`;
     read from the cache when this model and these pairs were seen before."""
     everything = [p for s in sets for p in s]
-    ids = hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in everything]).encode()).hexdigest()
-    key = fingerprint(_model_files(cfg.model), cfg.model, cfg.tokenizer, cfg.seed, cfg.bf16, ids)
+    key = fingerprint(_model_files(cfg.model), cfg.model, cfg.tokenizer, cfg.seed, cfg.bf16, pairs.digest(everything))
     path = cache / f"reference-{key}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -143,11 +142,13 @@ def objective(cfg: DPOConfig, model, reference: dict | None, pad_id: int):
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
-    """Runs preference tuning; returns the output folder (a Hugging Face folder `gemmakit.load`
-    reads, metrics.jsonl, curves.png, and adapter/ for LoRA) and the last held-out metrics."""
+def dpo(cfg: DPOConfig, on_step: Callable[[int, dict], None] | None = None) -> tuple[Path, dict]:
+    """Runs (or, with cfg.resume, resumes) preference tuning; returns the output folder (a Hugging
+    Face folder `gemmakit.load` reads, metrics.jsonl, curves.png, checkpoints/, and adapter/ for
+    LoRA) and the last held-out metrics. `on_step(step, record)`: after each optimizer step."""
     out = check_out(cfg)
     model, tok, meta = _base_model(cfg)
+    config = model.config
     if tok is None:
         raise ConfigError(f"{cfg.model} has no tokenizer; preference tuning needs one (--tokenizer)")
     train, held = read_pairs(cfg, ChatFormat(tok, meta.chat_template))
@@ -156,12 +157,13 @@ def dpo(cfg: DPOConfig) -> tuple[Path, dict]:
     if cfg.loss != "simpo":
         reference = reference_logps(cfg, model, [train, held], tok.pad_id, out / "data")
     if cfg.lora_rank > 0:
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation: a run is a function of its settings
         model = lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, tuple(cfg.lora_targets))
 
     with atomic_path(out / "dpo_config.json") as tmp:
         tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     step_loss = objective(cfg, model, reference, tok.pad_id)
-    result = fit(cfg, model, step_loss, train, held, out, f"{cfg.loss} (beta {cfg.beta:g})")
+    result = fit(cfg, model, config, step_loss, train, held, out, f"{cfg.loss} (beta {cfg.beta:g})", on_step)
     if cfg.lora_rank > 0:
         lora.save_adapter(model, out / "adapter", base_model=str(cfg.model))
         model = lora.merge(model)

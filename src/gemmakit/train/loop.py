@@ -198,9 +198,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     world = distributed.init(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
-    if not cfg.resume and state.checkpoints(ckpt_dir):
-        raise ConfigError(f"{out} already holds training checkpoints; pass --resume, or choose another --out")
+    ckpt_dir = out / state.FOLDER
+    state.check_fresh(out, cfg.resume)
 
     model, tok, base_meta = _base_model(cfg)
     config = model.config
@@ -233,10 +232,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                     "val_fraction": cfg.val_fraction, "max_steps": cfg.max_steps, "sft": cfg.sft,
                     "clean_packing": cfg.clean_packing,
                     "lora_rank": cfg.lora_rank, "lora_targets": sorted(cfg.lora_targets) if cfg.lora_rank else []}}
-    start = 0
-    found = state.checkpoints(ckpt_dir) if cfg.resume else []
-    if found:
-        start = state.load(found[-1], model, optimizer, scheduler, meta)
+    start = state.resume(out, model, optimizer, scheduler, meta) if cfg.resume else 0
     if world.main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         log = metrics.MetricsLog(out / "metrics.jsonl", resume_step=start)
@@ -350,14 +346,18 @@ def _full_model(model, module: Gemma, config: GemmaConfig, world, cfg: TrainConf
 
 
 def save_model(lm: LM, out: Path, progress: bool = True) -> None:
-    """Makes `out` a Hugging Face folder that `gemmakit.load(out)` reads, beside the run's own files:
-    written whole into a staging folder, then moved in with config.json last, so a reader never
-    finds a config without its weights."""
+    """Makes `out` a Hugging Face folder that `gemmakit.load(out)` reads, beside the run's own files."""
+    save_folder(out, partial(lm.save, progress=progress))
+
+
+def save_folder(out: Path, write: Callable[[Path], object]) -> None:
+    """`write(folder)` writes a Hugging Face folder whole into a staging folder, whose files are then
+    moved into `out` with config.json last, so a reader never finds a config without its weights."""
     import shutil
 
     staging = out / ".model.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    lm.save(staging, progress=progress)
+    write(staging)
     for f in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(f, out / f.name)
     staging.rmdir()

@@ -1,6 +1,7 @@
 """The optimisation loop that DPO and reward modelling share: preference pairs in seeded batches,
 AdamW with warmup and cosine decay, gradient clipping, optional bf16 autocast, held-out
-evaluation, metrics.jsonl (loss, preference accuracy, reward margin) and a PNG of them.
+evaluation, metrics.jsonl (loss, preference accuracy, reward margin) and a PNG of them, and
+checkpoints (state.py) that a run given `resume` continues from exactly.
 
 One process. What each objective computes is a function `objective(pairs) -> (loss,
 chosen_rewards, rejected_rewards)`; the loop knows nothing else about it.
@@ -19,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chat_template import ChatFormat
-from ..config import check_positive_ints
+from ..config import GemmaConfig, check_positive_ints, is_int
 from ..errors import ConfigError, DataError
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
-from . import lora, metrics, pairs
+from . import lora, metrics, pairs, state
 from .loop import _optimizer, cosine_schedule
 
 # pairs -> loss (a scalar, mean over the pairs), chosen and rejected rewards (B,)
@@ -53,14 +54,19 @@ class PairConfig:
     max_len: int = 1024  # tokens of prompt + answer; a longer pair is an error, not cut
     eval_every: int = 50
     log_every: int = 1
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    keep_last: int = 2  # checkpoints kept (0: all)
+    resume: bool = False  # continue from the last checkpoint in `out`
     seed: int = 0
     tokenizer: str | None = None
     device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("epochs", "batch_size", "eval_every", "log_every", "max_len")
+        check_positive_ints(self, ("epochs", "batch_size", "eval_every", "log_every", "save_every", "max_len")
                             + (("max_steps",) if self.max_steps is not None else ()), ConfigError)
+        if not is_int(self.keep_last) or self.keep_last < 0:
+            raise ConfigError(f"keep_last must be a non-negative integer, got {self.keep_last!r}")
         if self.eval_fraction is not None and self.eval_data is not None:
             raise ConfigError("give --eval-data or --eval-fraction, not both")
         if self.eval_fraction is None:
@@ -75,10 +81,12 @@ class PairConfig:
 
 
 def check_out(cfg: PairConfig) -> Path:
-    """The output folder, refused if it holds a trained model; made by the first file written into
-    it, after every pair has been read and checked."""
+    """The output folder, refused if it holds another run's checkpoints or a trained model, unless
+    the run resumes; made by the first file written into it, after every pair has been read and
+    checked."""
     out = Path(cfg.out)
-    if (out / "config.json").exists():
+    state.check_fresh(out, cfg.resume)
+    if (out / "config.json").exists() and not cfg.resume:
         raise ConfigError(f"{out} already holds a trained model; choose another --out")
     return out
 
@@ -96,9 +104,11 @@ def autocast(cfg: PairConfig):
     return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
-def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: list, held: list, out: Path,
-        name: str) -> dict:
-    """Trains `model` (its trainable parameters) on `train`; returns the last held-out metrics."""
+def fit(cfg: PairConfig, model: torch.nn.Module, config: GemmaConfig, objective: Objective, train: list,
+        held: list, out: Path, name: str, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains `model` (its trainable parameters; `config` its body's) on `train`, from the last
+    checkpoint when cfg.resume; returns the last held-out metrics of this call ({} if none ran).
+    `on_step(step, record)` is called after each optimizer step."""
     if not train:
         raise DataError(f"{cfg.data}: no training pairs left after holding out --eval-fraction")
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -107,11 +117,17 @@ def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: li
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(cosine_schedule, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio))
-    log = metrics.MetricsLog(out / "metrics.jsonl")
+    meta = {"config": config.to_dict(), "run": state.run_settings(cfg) | {"pairs": pairs.digest(train)}}
+    start = state.resume(out, model, optimizer, scheduler, meta) if cfg.resume else 0
+    log = metrics.MetricsLog(out / "metrics.jsonl", resume_step=start)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def order(epoch: int) -> list[int]:
-        return torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+    def batch_at(step: int) -> list:
+        """The step's pairs: a pure function of the step, so a resumed run reads what this one would.
+        Each epoch is a fresh seeded order; its last batch may be smaller."""
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        return [train[j] for j in order[i * cfg.batch_size: (i + 1) * cfg.batch_size].tolist()]
 
     def evaluate() -> dict | None:
         if not held:
@@ -129,19 +145,16 @@ def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: li
         n = len(held)
         return {"val_loss": loss / n, "val_accuracy": accurate / n, "val_margin": margin / n}
 
-    record_eval = evaluate()
-    if record_eval:
-        log.write({"step": 0, **record_eval})
-    bar = tqdm(total=total, desc=name, unit="step", disable=not cfg.progress)
+    record_eval = None
+    if start == 0:  # a resumed run's curve already has its baseline
+        record_eval = evaluate()
+        if record_eval:
+            log.write({"step": 0, **record_eval})
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", disable=not cfg.progress)
     model.train()
-    epoch, queue = 0, order(0)
     tick, since = time.perf_counter(), 0
-    for step in range(total):
-        if not queue:  # an epoch's last batch may be smaller; the next epoch is a fresh order
-            epoch += 1
-            queue = order(epoch)
-        picks, queue = queue[: cfg.batch_size], queue[cfg.batch_size:]
-        batch = [train[i] for i in picks]
+    for step in range(start, total):
+        batch = batch_at(step)
         with autocast(cfg):
             loss, chosen, rejected = objective(batch)
         loss.backward()
@@ -164,7 +177,11 @@ def fit(cfg: PairConfig, model: torch.nn.Module, objective: Objective, train: li
             record_eval = evaluate()
             if record_eval:
                 log.write({"step": done, **record_eval})
+        if done % cfg.save_every == 0 or done == total:
+            state.save(out / state.FOLDER, model, optimizer, scheduler, done, meta, cfg.keep_last, True)
         bar.update(1)
+        if on_step is not None:
+            on_step(done, record)
     bar.close()
     plot(out / "metrics.jsonl", out / "curves.png", name)
     return record_eval or {}

@@ -9,6 +9,8 @@ string is plain text: <bos> + the prompt, and the answer + <eos> (trl's conventi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,11 @@ def split(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], li
     n_held = min(len(pairs) - 1, max(1, round(len(pairs) * fraction)))
     held = set(order[:n_held])
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def digest(pairs: list[Pair]) -> str:
+    """A fingerprint of the pairs' token ids: what a cache or a checkpoint made from them depends on."""
+    return hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs]).encode()).hexdigest()
 
 
 @dataclass

@@ -18,8 +18,10 @@ FLAGS = {  # field: (type, help), shared by both commands
     "lora_alpha": (float, "LoRA alpha (default: 2 * rank)"),
     "max_len": (int, "most tokens of prompt + answer (default 1024); a longer pair is an error"),
     "eval_every": (int, "steps between held-out evaluations (default 50)"),
+    "save_every": (int, "steps between checkpoints in OUT/checkpoints (default 50, and one at the end)"),
+    "keep_last": (int, "checkpoints kept (default 2; 0: all)"),
     "log_every": (int, "steps between metrics.jsonl records (default 1)"),
-    "seed": (int, "seed of the split, the order and the head"),
+    "seed": (int, "seed of the split, the order, the head and LoRA's initialisation"),
     "tokenizer": (str, "tokenizer.model/.json, for a model without one"),
     "device": (str, "cpu or cuda"),
 }
@@ -43,8 +45,9 @@ def register(sub) -> None:
             p.add_argument("--" + field.replace("_", "-"), type=kind, help=help)
         p.add_argument("--lora-targets", nargs="+", help="modules that get adapters (default: q/k/v/o/gate/up/down)")
         p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (weights stay float32)")
+        p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
         p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-        p.set_defaults(func=run, objective=name, flags=[*extra, *FLAGS, "lora_targets", "bf16", "progress"])
+        p.set_defaults(func=run, objective=name, flags=[*extra, *FLAGS, "lora_targets", "bf16", "resume", "progress"])
 
 
 def run(args: argparse.Namespace) -> int:

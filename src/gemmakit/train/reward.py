@@ -4,8 +4,11 @@ The score of a sequence is a linear map (no bias) of the final norm's output at 
 as transformers' GemmaForSequenceClassification computes it with one label. Training minimises
 -log sigmoid(score(chosen) - score(rejected)) (trl's RewardTrainer).
 
-The saved folder is the body as a Hugging Face folder (`gemmakit.load` reads it) with the head
-beside it (reward_head.safetensors); to score:
+The saved folder is transformers' sequence classifier with one label (Gemma, Gemma2 or
+Gemma3TextForSequenceClassification: the body, the head as `score`, pad_token_id set), the format
+trl's RewardTrainer writes: `AutoModelForSequenceClassification.from_pretrained(out)` scores as
+gemmakit does, `RewardModel.load` reads trl's folders too, and `gemmakit.load(out)` reads the body.
+To score:
 
     rm = RewardModel.load("out/")
     rm.score(["What is 2+3?"], ["5"])  # -> tensor([...]), one score per (prompt, completion)
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,16 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..chat_template import ChatFormat
+from ..checkpoints import hf
 from ..checkpoints.metadata import Metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.gemma import Gemma
 from ..paths import atomic_path
 from ..tokenizer import Tokenizer
 from . import lora, pairs
-from .loop import _base_model, save_model
+from .loop import _base_model, save_folder
 from .pair_loop import PairConfig, check_out, fit, read_pairs
-
-HEAD = "reward_head.safetensors"
 
 
 class RewardModel(nn.Module):
@@ -78,33 +81,35 @@ class RewardModel(nn.Module):
         return torch.cat(scores) if scores else torch.empty(0)
 
     def save(self, folder: str | os.PathLike, progress: bool = True) -> Path:
-        """The body as a Hugging Face folder, the head beside it (written last: a folder with a
-        head is whole)."""
-        from safetensors.torch import save_file
-
-        from ..lm import LM
-
+        """transformers' sequence classifier with one label, in float32 (see the module docstring),
+        beside whatever `folder` already holds (a run's metrics, say); config.json goes in last."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(LM(self.body.float().eval(), self.tokenizer, metadata=self.metadata), folder, progress=progress)
-        with atomic_path(folder / HEAD) as tmp:
-            save_file({"weight": self.head.weight.detach().float().cpu().contiguous()}, str(tmp))
+        body = self.body.float().eval()
+        save_folder(folder, lambda staging: hf.save(body, staging, tokenizer=self.tokenizer, progress=progress,
+                                                     meta=self.metadata, score=self.head.weight.float()))
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str = "cpu") -> RewardModel:
-        from safetensors.torch import load_file
-
+        """A sequence-classifier folder with one label: gemmakit's (`save`), trl's RewardTrainer's or
+        any transformers Gemma/Gemma2/Gemma3(Text)ForSequenceClassification."""
         from ..lm import load
 
         folder = Path(folder)
-        if not (folder / HEAD).is_file():
-            raise CheckpointError(f"{folder}: no {HEAD} here; not a gemmakit reward model")
+        shapes, loaders = hf.weights(folder)  # a folder without safetensors fails here, by name
+        if hf.SCORE not in shapes:
+            raise CheckpointError(f"{folder}: no {hf.SCORE} tensor; not a sequence-classification (reward model) "
+                                  "folder")
         lm = load(folder, quantize=None, compile=None, device=device, progress=False)
+        d = lm.config.d_model
+        if shapes[hf.SCORE] != (1, d):
+            raise CheckpointError(f"{folder}: {hf.SCORE} has shape {list(shapes[hf.SCORE])}; a reward model has "
+                                  f"one label, [1, {d}]")
+        weight = loaders[hf.SCORE]().float()
+        if not bool(torch.isfinite(weight).all()):
+            raise CheckpointError(f"{folder}: {hf.SCORE} holds NaN or infinite values")
         model = cls(lm.module, lm.tokenizer, lm.metadata)
-        weight = load_file(str(folder / HEAD)).get("weight")
-        if weight is None or tuple(weight.shape) != (1, lm.config.d_model):
-            raise CheckpointError(f"{folder / HEAD}: expected a 'weight' of shape (1, {lm.config.d_model})")
         with torch.no_grad():
             model.head.weight.copy_(weight)
         return model.to(device).eval()
@@ -120,9 +125,10 @@ class RewardConfig(PairConfig):
     pass
 
 
-def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
-    """Trains a reward model; returns its folder (see RewardModel.save) and the last held-out
-    metrics (val_loss, val_accuracy, val_margin)."""
+def train_reward(cfg: RewardConfig, on_step: Callable[[int, dict], None] | None = None) -> tuple[Path, dict]:
+    """Trains (or, with cfg.resume, resumes training) a reward model; returns its folder (see
+    RewardModel.save) and the last held-out metrics (val_loss, val_accuracy, val_margin).
+    `on_step(step, record)`: after each optimizer step."""
     out = check_out(cfg)
     body, tok, meta = _base_model(cfg)
     if tok is None:
@@ -141,7 +147,7 @@ def train_reward(cfg: RewardConfig) -> tuple[Path, dict]:
 
     with atomic_path(out / "reward_config.json") as tmp:
         tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    result = fit(cfg, model, objective, train, held, out, "reward model")
+    result = fit(cfg, model, body.config, objective, train, held, out, "reward model", on_step)
     if cfg.lora_rank > 0:
         lora.save_adapter(model.body, out / "adapter", base_model=str(cfg.model))
         model.body = lora.merge(model.body)

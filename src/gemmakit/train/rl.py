@@ -9,8 +9,12 @@ of the loss (policy_gradient.py) through a training forward on the sampled token
 summed over the processes, so a run's updates do not depend on how many processes share it.
 
 The reference policy (beta > 0) is the starting model: with LoRA the same module with its
-adapters switched off, otherwise a frozen copy. `updates` > 1 takes that many optimizer steps
-on each batch of rollouts, PPO-style, through the clipped probability ratio.
+adapters switched off, otherwise a frozen copy (taken before a resumed run loads its checkpoint).
+`updates` > 1 takes that many optimizer steps on each batch of rollouts, PPO-style, through the
+clipped probability ratio.
+
+Checkpoints (state.py) every `save_every` steps; `resume` continues from the last one exactly:
+the prompt order and every sample's seed are pure functions of the seed and the step.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,13 +37,13 @@ from tqdm.auto import tqdm
 
 from ..chat_template import ChatFormat
 from ..checkpoints.metadata import Metadata
-from ..config import check_fields, check_positive_ints
+from ..config import check_fields, check_positive_ints, is_int
 from ..errors import ConfigError
 from ..lm import LM
 from ..model import Gemma
 from ..runtime.sampling import Sampling
 from ..tokenizer import Tokenizer
-from . import distributed, lora, metrics, rewards, rollout
+from . import distributed, lora, metrics, rewards, rollout, state
 from .loop import _base_model, save_model
 from .policy_gradient import (
     completion_logprobs,
@@ -82,6 +89,9 @@ class RLConfig:
     eval_prompts: str | None = None  # held-out prompts, scored with greedy completions
     eval_every: int = 10
     log_every: int = 1
+    save_every: int = 10  # steps between checkpoints (and one at the end)
+    keep_last: int = 2  # checkpoints kept (0: all)
+    resume: bool = False  # continue from the last checkpoint in `out`
     seed: int = 0
     tokenizer: str | None = None
     device: str = "cpu"
@@ -89,7 +99,9 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("steps", "batch_prompts", "samples", "max_new_tokens", "updates", "micro_batch",
-                                   "eval_every", "log_every"), ConfigError)
+                                   "eval_every", "log_every", "save_every"), ConfigError)
+        if not is_int(self.keep_last) or self.keep_last < 0:
+            raise ConfigError(f"keep_last must be a non-negative integer, got {self.keep_last!r}")
         if self.algo not in ALGOS:
             raise ConfigError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
         if (self.reward is None) == (self.reward_model is None):
@@ -118,8 +130,8 @@ class RLConfig:
 class Result:
     out: Path
     steps: int
-    records: list[dict]  # each step's metrics (the same on every process)
-    eval_rewards: list[tuple[int, float]]  # (step, mean held-out reward)
+    records: list[dict]  # the metrics of each step this call ran (the same on every process)
+    eval_rewards: list[tuple[int, float]]  # (step, mean held-out reward) of the evaluations it ran
 
 
 # -- set-up ------------------------------------------------------------------------------------------
@@ -179,6 +191,18 @@ def _sum_gradients(params: list[torch.Tensor], world) -> None:
         offset += g.numel()
 
 
+def prompt_order(n: int, batch: int, seed: int) -> Iterator[list[int]]:
+    """Each step's prompt indices: epochs of the n prompts, each in its own seeded order, cut into
+    batches (one may straddle two epochs)."""
+    generator = torch.Generator().manual_seed(seed)
+    queue: list[int] = []
+    while True:
+        while len(queue) < batch:
+            queue += torch.randperm(n, generator=generator).tolist()
+        yield queue[:batch]
+        queue = queue[batch:]
+
+
 def _score(reward: rewards.Reward, completions: list) -> list[float]:
     """The reward of each (Prompt, Request), with the prompts' other JSONL fields passed along."""
     names = sorted({name for p, _ in completions for name in p.fields})
@@ -198,12 +222,14 @@ class _Batch:
 
 
 # -- the loop ----------------------------------------------------------------------------------------
-def train_rl(cfg: RLConfig) -> Result:
-    """Runs an RL run (see RLConfig); the result is a Hugging Face folder in cfg.out, with
-    metrics.jsonl, reward.png and, for LoRA, the adapter alone in out/adapter."""
+def train_rl(cfg: RLConfig, on_step: Callable[[int, dict], None] | None = None) -> Result:
+    """Runs (or, with cfg.resume, resumes) an RL run (see RLConfig); the result is a Hugging Face
+    folder in cfg.out, with metrics.jsonl, reward.png, checkpoints/ and, for LoRA, the adapter
+    alone in out/adapter. `on_step(step, record)` is called after each step on every process."""
     world = distributed.init(cfg.device)
     out = Path(cfg.out)
-    if (out / "config.json").exists():
+    state.check_fresh(out, cfg.resume)
+    if (out / "config.json").exists() and not cfg.resume:
         raise ConfigError(f"{out} already holds a model; choose another --out")
     if cfg.batch_prompts % world.size:
         raise ConfigError(f"batch_prompts ({cfg.batch_prompts}) must divide over the {world.size} processes")
@@ -214,8 +240,10 @@ def train_rl(cfg: RLConfig) -> Result:
     held = rollout.read_prompts(cfg.eval_prompts, chat) if cfg.eval_prompts else []
     lr = cfg.lr if cfg.lr is not None else (1e-5 if cfg.lora_rank else 1e-6)
 
+    config = model.config
     reference = None
     if cfg.lora_rank > 0:
+        torch.manual_seed(cfg.seed)  # the adapters' initialisation: a run is a function of its settings
         model = lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets=tuple(cfg.lora_targets))
     elif cfg.beta:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -224,6 +252,10 @@ def train_rl(cfg: RLConfig) -> Result:
     params = [p for p in model.parameters() if p.requires_grad]
     sampler, refresh = _rollout_weights(model, getattr(torch, cfg.rollout_dtype))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    prompt_ids = hashlib.sha256(json.dumps([p.ids for p in prompts]).encode()).hexdigest()
+    checkpoint_meta = {"config": config.to_dict(), "run": state.run_settings(cfg) | {"prompts": prompt_ids}}
+    # After the reference and the rollout copy are taken from the starting weights.
+    first = state.resume(out, model, optimizer, None, checkpoint_meta) if cfg.resume else 0
     autocast = partial(torch.autocast, world.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     vocab = min(model.config.vocab_size, tok.vocab_size)
     logprobs = partial(completion_logprobs, temperature=cfg.temperature, vocab=vocab)
@@ -275,7 +307,7 @@ def train_rl(cfg: RLConfig) -> Result:
         if log is None:  # the folder appears with the first record: a run that fails at once leaves nothing
             out.mkdir(parents=True, exist_ok=True)
             (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-            log = metrics.MetricsLog(out / "metrics.jsonl")
+            log = metrics.MetricsLog(out / "metrics.jsonl", resume_step=first)
         log.write(record)
 
     def evaluate(step: int) -> None:
@@ -284,14 +316,13 @@ def train_rl(cfg: RLConfig) -> Result:
             evals.append((step, value))
             write({"step": step, "eval_reward": value})
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    bar = tqdm(total=cfg.steps, desc=f"{cfg.algo}", unit="step", disable=not (cfg.progress and world.main))
-    evaluate(0)
-    for step in range(cfg.steps):
-        while len(order) < cfg.batch_prompts:  # epochs of the prompts, each in its own order
-            order += torch.randperm(len(prompts), generator=generator).tolist()
-        picks, order = order[:cfg.batch_prompts], order[cfg.batch_prompts:]
+    batches = itertools.islice(prompt_order(len(prompts), cfg.batch_prompts, cfg.seed), first, None)
+    bar = tqdm(total=cfg.steps, initial=first, desc=f"{cfg.algo}", unit="step",
+               disable=not (cfg.progress and world.main))
+    if first == 0:  # a resumed run's curve already has its baseline
+        evaluate(0)
+    for step in range(first, cfg.steps):
+        picks = next(batches)
         start = time.perf_counter()
         batch = rollouts(step, picks)
         rows, starts = batch.sequences, batch.starts
@@ -355,8 +386,12 @@ def train_rl(cfg: RLConfig) -> Result:
             write(record)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate(step + 1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            state.save(out / state.FOLDER, model, optimizer, None, step + 1, checkpoint_meta, cfg.keep_last, world.main)
         bar.set_postfix(reward=f"{mean:.3f}")
         bar.update(1)
+        if on_step is not None:
+            on_step(step + 1, record)
     bar.close()
 
     if world.main:

@@ -30,7 +30,9 @@ FLAGS = {  # field: (type, help); every RLConfig field a user sets from the comm
     "grad_clip": (float, "gradient norm clip"),
     "eval_every": (int, "steps between held-out evaluations"),
     "log_every": (int, "steps between metrics.jsonl records"),
-    "seed": (int, "seed of the prompt order and of every sample"),
+    "save_every": (int, "steps between checkpoints in OUT/checkpoints (and one at the end)"),
+    "keep_last": (int, "checkpoints kept (0: all)"),
+    "seed": (int, "seed of the prompt order, of every sample and of LoRA's initialisation"),
     "tokenizer": (str, "tokenizer.model/.json to use"),
     "lora_rank": (int, "LoRA rank (0: full fine-tuning)"),
     "lora_alpha": (float, "LoRA alpha (default: 2 * rank)"),
@@ -53,6 +55,7 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", help="a stop string ending completions (repeatable)")
     p.add_argument("--lora-targets", nargs="+", help="modules that get adapters (default: q/k/v/o/gate/up/down)")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast of the training forwards")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=run)
 
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from .rl import RLConfig, train_rl
 
     values = read_config_file(args.config) if args.config else {}
-    for name in ["model", "prompts", "out", "algo", "stop", "lora_targets", "bf16", "progress", *FLAGS]:
+    for name in ["model", "prompts", "out", "algo", "stop", "lora_targets", "bf16", "resume", "progress", *FLAGS]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     for required in ("model", "prompts", "out"):
@@ -69,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{required} is required (on the command line or in --config)")
     result = train_rl(RLConfig.from_dict(values))
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here: one summary
-        last = result.records[-1]
+        last = f", reward {result.records[-1]['reward']:.3f}" if result.records else ""  # none: resumed at the end
         held = f", held-out reward {result.eval_rewards[0][1]:.3f} -> {result.eval_rewards[-1][1]:.3f}" \
             if result.eval_rewards else ""
-        print(f"{result.out}: {result.steps} steps, reward {last['reward']:.3f}{held}")
+        print(f"{result.out}: {result.steps} steps{last}{held}")
     return 0

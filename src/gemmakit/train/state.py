@@ -1,5 +1,8 @@
 """Training checkpoints for exact resumes: the trainable weights, optimizer, schedule, step and RNG
 state, with the model config and the run's data settings to refuse a checkpoint of another run.
+Every training loop (pretraining and SFT, DPO and reward models, RL) keeps its checkpoints in
+OUT/checkpoints through this module; each loop's data order is a pure function of its settings
+and the step, so the step is the data position.
 
 One `torch.save` file per checkpoint (`step-000100.pt`), written to a temp name, flushed to disk and
 renamed, read back with `weights_only=True`; the last `keep` are kept. A process killed while writing
@@ -10,6 +13,7 @@ that fails (a full disk) is an error naming the file, with the previous checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -21,10 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..paths import atomic_path
 
 PATTERN = re.compile(r"step-(\d+)\.pt$")
+FOLDER = "checkpoints"  # inside a run's output folder
+# Settings a resumed run may change: where and how often it writes, not what it computes.
+FREE_SETTINGS = frozenset({"out", "resume", "progress", "device", "save_every", "keep_last", "log_every",
+                           "eval_every"})
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -32,8 +40,27 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.search(p.name).group(1)))
 
 
+def check_fresh(out: Path, resume: bool) -> None:
+    """Refuses to start a run over another one's checkpoints (two runs' steps in one curve)."""
+    if not resume and checkpoints(Path(out) / FOLDER):
+        raise ConfigError(f"{out} already holds training checkpoints; pass --resume, or choose another --out")
+
+
+def run_settings(cfg) -> dict:
+    """The settings of a run's config dataclass that decide what it computes (all but FREE_SETTINGS):
+    the `run` part of a checkpoint's meta."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE_SETTINGS}
+
+
+def resume(out: Path, model, optimizer, scheduler, meta: dict) -> int:
+    """Restores the last checkpoint in OUT/checkpoints into the run; returns its step, 0 if none."""
+    found = checkpoints(Path(out) / FOLDER)
+    return load(found[-1], model, optimizer, scheduler, meta) if found else 0
+
+
 def save(folder: Path, model, optimizer, scheduler, step: int, meta: dict, keep: int, is_main: bool) -> Path | None:
-    """Every process must call this (FSDP2 gathers shards); rank 0 writes."""
+    """Every process must call this (FSDP2 gathers shards); rank 0 writes. `scheduler`: None for a
+    constant learning rate."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     if not is_main:
@@ -46,7 +73,8 @@ def save(folder: Path, model, optimizer, scheduler, step: int, meta: dict, keep:
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                torch.save({"model": model_state, "optimizer": optim_state,
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "step": step, "rng": torch.get_rng_state(), "meta": meta}, f)
                 f.flush()
                 os.fsync(f.fileno())  # the rename must not land before the bytes do
@@ -80,6 +108,7 @@ def load(path: Path, model, optimizer, scheduler, meta: dict) -> int:
         odd = sorted(set(state["model"]) ^ expected)
         raise CheckpointError(f"{path}: checkpoint from another model: tensor {odd[0]} is in one and not the other")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
