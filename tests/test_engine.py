@@ -5,7 +5,7 @@ import torch
 
 from gemmakit.config import GemmaConfig
 from gemmakit.errors import GenerationError
-from gemmakit.model import Gemma
+from gemmakit.model import Gemma, KVCache
 from gemmakit.runtime.engine import Engine
 from gemmakit.runtime.sampling import Sampling
 from gemmakit.runtime.text import TextStream
@@ -264,3 +264,31 @@ def test_logprobs_of_the_output_and_of_the_prompt_are_the_models_own(model, toke
         engine.submit(prompt, 2, logprobs=21)
     with pytest.raises(GenerationError, match="logit_bias token id 99999"):
         engine.submit(prompt, 2, Sampling(logit_bias={99999: 1.0}))
+
+
+@torch.inference_mode()
+def test_int8_engines_keep_keys_and_values_in_bfloat16_within_its_rounding(model, tokenizer):
+    """The fast mode's cache is bfloat16 (float models keep their own dtype, and kv_dtype
+    chooses), and attention runs in it: queries, keys and values rounded to 8 significant bits
+    (relative error <= 2^-8 each) move a layer's attention output by about 3 * 2^-8 of its size,
+    so the logits of this 4-layer model after a prompt past the sliding window stay within
+    8 * 2^-8 of their scale (measured: 0.024)."""
+    import copy
+
+    from gemmakit.model.quantized import quantize
+
+    quantized = quantize(copy.deepcopy(model), "int8")
+    assert Engine(model, tokenizer, max_len=64).cache.k[0].dtype == torch.float32
+    assert Engine(quantized, tokenizer, max_len=64).cache.k[0].dtype == torch.bfloat16
+    ids = tokenizer.encode(PROMPTS[2])
+    assert len(ids) > WINDOW
+
+    assert Engine(quantized, tokenizer, max_len=64, kv_dtype=torch.float32).cache.k[0].dtype == torch.float32
+
+    def logits(kv_dtype):  # one chunk: a cache without the ring, which holds a window and a chunk
+        cache = KVCache(quantized.config, 1, 64, dtype=kv_dtype, ring=False)
+        return quantized(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0].float()
+
+    exact, rounded = logits(torch.float32), logits(torch.bfloat16)
+    error = (rounded - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 8 * 2.0 ** -8

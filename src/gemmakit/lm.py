@@ -197,14 +197,15 @@ class LM:
 
     # -- generation (the engine does the work: runtime/engine.py) ---------------------------------
     def engine(self, max_batch: int = 1, max_len: int | None = None, prefill_budget: int | None = None,
-               prefix_cache: int | None = None, prefill_share: float | None = None) -> Engine:
+               prefix_cache: int | None = None, prefill_share: float | None = None,
+               kv_dtype: torch.dtype | None = None) -> Engine:
         """A generation engine over this model, in its compile mode (see Engine for the
         arguments). max_len: tokens per request (default: the model's context); under
         compile="aot" it rounds up to a power of two (>= 256), since a step is compiled per cache
         shape and jobs of similar size then share one."""
         return Engine(self.module, self.tokenizer, max_batch=max_batch, max_len=self._cache_len(max_len),
                       compile=self.compile, prefill_budget=prefill_budget, prefix_cache=prefix_cache,
-                      prefill_share=prefill_share)
+                      prefill_share=prefill_share, kv_dtype=kv_dtype)
 
     def _cache_len(self, max_len: int | None):
         limit = self.config.max_seq_len

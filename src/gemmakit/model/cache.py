@@ -86,8 +86,8 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, T, KV, D) go into their slots; returns this layer's whole cache (B, KV, S, D)."""
         kind = self.kinds[layer]
-        self.k[layer][self.rows, :, slots[kind]] = k
-        self.v[layer][self.rows, :, slots[kind]] = v
+        self.k[layer][self.rows, :, slots[kind]] = k.to(self.k[layer].dtype)  # the cache may be narrower
+        self.v[layer][self.rows, :, slots[kind]] = v.to(self.v[layer].dtype)
         B, n = self.rows.shape[0], self.span(kind)
         return self.k[layer][:B, :, :n], self.v[layer][:B, :, :n]
 

@@ -83,7 +83,7 @@ class Attention(nn.Module):
                                                enable_gqa=KV != H)  # (B, H, T, D)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
         G = H // KV
-        q = q.transpose(1, 2).reshape(B, KV, G * T, D)  # (B, KV, G*T, D)
+        q = q.transpose(1, 2).reshape(B, KV, G * T, D).to(k.dtype)  # (B, KV, G*T, D), in the cache's dtype
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
@@ -93,7 +93,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
             y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
         y = y.view(B, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
-        return self.o_proj(y)
+        return self.o_proj(y.to(x.dtype))
 
 
 _GELU_C = 2 * math.sqrt(2 / math.pi)

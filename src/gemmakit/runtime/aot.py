@@ -157,7 +157,8 @@ class Background:
         if self._someone_else_building():
             return
         spec = {"config": module.config.to_dict(), "quantization": _quantization(module), "lock": str(self.lock),
-                "dtype": str(module.dtype).removeprefix("torch."), "batch": cache.batch_size, "max_len": cache.max_len}
+                "dtype": str(module.dtype).removeprefix("torch."),
+                "kv_dtype": str(cache.k[0].dtype).removeprefix("torch."), "batch": cache.batch_size, "max_len": cache.max_len}
         self.lock.parent.mkdir(parents=True, exist_ok=True)
         log = self.lock.with_suffix(".log")
         print(f"gemmakit: compiling the decode step for these shapes in the background (once; a minute or two, "
@@ -219,7 +220,7 @@ def _background_main(spec: dict) -> None:
     # uninitialised values; what it computes is thrown away).
     module = module.to_empty(device="cpu").eval()
     try:
-        build(module, KVCache(config, spec["batch"], spec["max_len"], dtype=dtype))
+        build(module, KVCache(config, spec["batch"], spec["max_len"], dtype=getattr(torch, spec["kv_dtype"])))
     finally:
         Path(spec["lock"]).unlink(missing_ok=True)
 
