@@ -201,3 +201,33 @@ def test_softmax_cross_entropy_rows_equal_the_float64_loss_and_gradient(build, d
 def test_softmax_cross_entropy_rejects_targets_outside_the_vocabulary():
     with pytest.raises(RuntimeError, match="out of"):
         kernels.softmax_cross_entropy_(torch.zeros(2, 5), torch.tensor([0, 5]), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draw_rows_is_the_inverse_cdf_of_the_softmax(build, dtype):
+    """Each row's token is the first whose cumulative probability (float64, softmax of logits /
+    temperature, tokens below min_p times the largest left out) exceeds u times the total; the
+    uniforms are kept away from the boundaries by more than the float32 rounding of the terms."""
+    ops = build[0]
+    g = torch.Generator().manual_seed(7)
+    V = 1003  # whole blocks of 256 and a tail
+    logits = (torch.randn(6, V, generator=g) * 3).to(dtype)
+    logits[2, :] = -float("inf")
+    logits[2, 500] = 1.0  # one possible token
+    logits[3, :] = 0.0  # all equal
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    t = torch.tensor([1.0, 0.5, 1.0, 1.0, 2.0, 1e-3, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.2])
+    u = torch.rand(len(rows), dtype=torch.float64, generator=g)
+    got = ops.draw_rows(logits, rows, u, (1 / t).float(), min_p.float())
+    for i, r in enumerate(rows.tolist()):
+        x = logits[r].double()
+        p = torch.exp((x - x.max()) / t[i].double())
+        p = torch.where(p < min_p[i].double(), 0.0, p)
+        cdf = p.cumsum(0)
+        target = u[i] * cdf[-1]
+        want = int(torch.searchsorted(cdf, target, right=True))
+        near = (cdf - target).abs().min() / cdf[-1]
+        assert got[i] == want or near < 1e-6, (i, int(got[i]), want)
+    assert got[2] == 500
+    assert ops.draw_rows(logits[:, :V - 3], rows[:1], u[:1], (1 / t[:1]).float(), min_p[:1].float()).shape == (1,)  # a strided view

@@ -251,3 +251,24 @@ def test_same_seed_same_draws_whatever_the_batch():
     other_seed = run(rows[:1], [s.replace(seed=43)])
     assert alone == together
     assert alone != other_seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_draw_picks_the_torch_paths_tokens_with_the_same_generators(monkeypatch, dtype):
+    """Sampled rows go to gemmakit's draw kernel where it is built, else through torch ops: with
+    the same seeds both give the same tokens (a seeded request's text does not depend on which
+    ran), temperatures and min_p included."""
+    from gemmakit import kernels
+
+    assert kernels.extension() is not None
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(16, 262144, generator=g) * 4).to(dtype)
+    samplings = [Sampling(temperature=t, min_p=m, seed=i) for i, (t, m) in
+                 enumerate([(1.0, None), (0.7, None), (1.3, 0.1), (0.05, None)] * 4)]
+
+    def run():
+        return next_tokens(logits, samplings, [make_generator(s) for s in samplings])
+
+    fast = run()
+    monkeypatch.setattr(kernels, "draw", lambda *a: None)
+    assert torch.equal(fast, run())

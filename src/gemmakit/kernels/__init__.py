@@ -4,7 +4,8 @@
 input features (N, K/32) (see int8_matmul.cpp). Torch has no kernel for this layout, and its
 per-channel one (`_weight_int8pack_mm`) reads the weights at under half of memory speed.
 `softmax_cross_entropy_(z, targets, softcap)`: the training loss's per-block cross-entropy and
-its gradient in one pass over the logits (see cross_entropy.cpp).
+its gradient in one pass over the logits, and `draw(...)`: sampling's token from each row's
+softmax (see softmax_rows.cpp).
 
 The C++ sources are built once with `-march=native` by torch's extension loader (about 10 s,
 cached under ~/.cache/torch_extensions). Where they cannot be built (no compiler) or
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "cross_entropy.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "softmax_rows.cpp")]
 # Which loop runs for how many activation rows (output head, 262144 x 640, 2 threads, ms):
 #   rows          1     4     8    16    32    64
 #   FMA loop    8.8   9.3  16.2  34.6  84.1   167
@@ -43,6 +44,7 @@ AMX_ROWS = 64
 
 
 _BUILD = threading.Lock()
+_BUILT = False  # whether extension() has returned (the kernels, or None where they cannot build)
 
 
 @lru_cache(maxsize=None)
@@ -79,15 +81,31 @@ def extension():
     tests and this module."""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         return None
+    global _BUILT
     with _BUILD:  # one build, whichever thread asks first (see build_in_background)
-        return _build("gemmakit", "native")
+        ops = _build("gemmakit", "native")
+        _BUILT = True
+        return ops
+
+
+_STARTED = False
 
 
 def build_in_background() -> None:
-    """Starts building the kernels on a thread of their own, where they are not built yet, so that
-    a first run compiles them while it reads and converts its checkpoint."""
-    if os.environ.get("GEMMAKIT_NO_KERNELS") != "1" and not _build.cache_info().currsize:
+    """Starts building the kernels on a thread of their own (once), so that a first run compiles
+    them while it reads and converts its checkpoint."""
+    global _STARTED
+    if not _STARTED and os.environ.get("GEMMAKIT_NO_KERNELS") != "1":
+        _STARTED = True
         threading.Thread(target=extension, name="gemmakit-kernels", daemon=True).start()
+
+
+def _ready():
+    """The kernels if they are loaded by now, else None without waiting (they start building)."""
+    if _BUILT:
+        return extension()
+    build_in_background()
+    return None
 
 
 # Instruction sets the tests build the same sources for, to run each path on any x86-64 machine:
@@ -145,6 +163,19 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     if not _OP or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1:
         return None
     return torch.ops.gemmakit.argmax_rows(x)
+
+
+def draw(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, inv_t: torch.Tensor,
+         min_p: torch.Tensor) -> torch.Tensor | None:
+    """A token for each of `rows` (n,) of logits (B, V) float32 or bfloat16, drawn from
+    softmax(logits / temperature) by inverse CDF at the uniform u (n,) float64 in [0, 1), with
+    inv_t = 1 / temperature and min_p (n,) float32 (0: none); (n,) long. None where torch should do
+    it: not on the CPU, another dtype or layout, or the kernels not built yet (they start then)."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() != 2 \
+            or logits.stride(-1) != 1:
+        return None
+    ops = _ready()
+    return None if ops is None else ops.draw_rows(logits, rows, u, inv_t, min_p)
 
 
 def softmax_cross_entropy_(z: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor | None:

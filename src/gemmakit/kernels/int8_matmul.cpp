@@ -605,6 +605,7 @@ TORCH_LIBRARY(GEMMAKIT_NS, m) {
   m.def("has_vnni() -> bool");
   m.def("has_amx() -> bool");
   m.def("softmax_cross_entropy_(Tensor(a!) z, Tensor targets, float softcap) -> Tensor");
+  m.def("draw_rows(Tensor logits, Tensor rows, Tensor u, Tensor inv_t, Tensor min_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CPU, m) {

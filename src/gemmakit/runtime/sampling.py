@@ -146,9 +146,25 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
             tokens = logits.max(dim=-1).indices  # (B,)
     else:  # every row is sampled or adjusted: no argmax of all of them for nothing
         tokens = torch.zeros(len(samplings), dtype=torch.long, device=logits.device)
+    # Sampled rows without a mask, an adjustment, top_k or top_p: drawn together by the kernel
+    # where it is loaded (a row in ~0.1 ms, against ~0.5 in torch ops), straight from the logits.
+    gens = generators if generators is not None else [None] * len(samplings)
+    done, uniforms = set(), {}
+    fast = [i for i, (s, mask) in enumerate(zip(samplings, masks))
+            if not s.greedy and mask is None and not s.adjusts_logits and s.top_k is None and s.top_p is None]
+    if fast:
+        u = torch.stack([torch.rand((), dtype=torch.float64, generator=gens[i], device=logits.device) for i in fast])
+        drawn = kernels.draw(logits, torch.tensor(fast), u,
+                             torch.tensor([min(1 / samplings[i].temperature, 1e30) for i in fast], dtype=torch.float32),
+                             torch.tensor([samplings[i].min_p or 0.0 for i in fast], dtype=torch.float32))
+        if drawn is not None and bool((drawn >= 0).all()):
+            tokens[fast] = drawn.to(tokens.device)
+            done = set(fast)
+        else:  # the torch path draws them below, with the same uniforms
+            uniforms = dict(zip(fast, u))
     for i, s in enumerate(samplings):
         mask = masks[i]
-        if plain[i]:
+        if plain[i] or i in done:
             continue
         # (V,) float32; a copy of its own only where it is changed below: the caller's logits stay as they are
         row = logits[i].to(torch.float32, copy=mask is not None or s.adjusts_logits)
@@ -166,7 +182,7 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
         # float64, shifted by the maximum first, every value is <= 0 and the largest is 0.
         t = s.temperature
         scaled = row if t == 1 else row / t if t >= _TINY_TEMPERATURE else (row.double() - row.max()) / t
-        tokens[i] = _draw(scaled, s, generator)
+        tokens[i] = _draw(scaled, s, generator, uniforms.get(i))
     return tokens
 
 
@@ -194,12 +210,12 @@ def _adjust_(row: torch.Tensor, s: Sampling, history: History | None) -> None:
         row[torch.tensor(ids, device=row.device)] += torch.tensor(biases, device=row.device)
 
 
-def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor:
     if s.top_k is None and s.top_p is None:
         probs = row.softmax(-1)  # (V,)
         if s.min_p is not None:
             probs = probs.masked_fill(probs < s.min_p * probs.max(), 0.0)
-        return draw(probs, generator)
+        return draw(probs, generator, u)
     if s.top_k is not None:
         values, ids = row.topk(min(s.top_k, row.shape[-1]))  # (k,), sorted, most likely first
     else:
@@ -215,7 +231,7 @@ def _draw(row: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> 
     return ids[draw(probs.masked_fill(~keep, 0.0), generator)]
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One token drawn from `probs` (V,), >= 0, not necessarily normalised: the first index
     whose cumulative probability exceeds a uniform draw in [0, total).
 
@@ -225,7 +241,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     """
     cdf = probs.double().cumsum(-1)  # (V,)
     total = cdf[-1]
-    u = torch.rand((), dtype=torch.float64, generator=generator, device=probs.device) * total
+    if u is None:  # (the caller may have drawn it: the kernel's path, kernels.draw, was not taken)
+        u = torch.rand((), dtype=torch.float64, generator=generator, device=probs.device)
+    u = u * total
     u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))  # rand * total may round up to total
     return torch.searchsorted(cdf, u, right=True)  # zero-probability tokens own an empty interval
 

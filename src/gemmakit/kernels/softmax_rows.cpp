@@ -1,5 +1,7 @@
-// Cross-entropy of a block of logit rows and its gradient in the logits, in one pass over memory.
+// Row-wise softmax work over a vocabulary of logits: the training loss's cross-entropy and its
+// gradient, and sampling's draw of a token.
 //
+// Cross-entropy of a block of logit rows and its gradient in the logits, in one pass over memory.
 // gemmakit's training loss (src/gemmakit/loss.py) makes the logits a block of rows at a time.
 // In torch ops each row then goes through memory five times (to float32, log-softmax's write,
 // exp, scatter, back to the matmul dtype); here a row is copied once into a float32 buffer that
@@ -189,7 +191,97 @@ at::Tensor softmax_cross_entropy_(at::Tensor z, const at::Tensor& targets, doubl
   return loss;
 }
 
+// -- Sampling: one token drawn from softmax(logits / temperature) ------------------------------------
+// By inverse CDF: the first token whose cumulative probability exceeds u * total, for a uniform u
+// the caller draws with the request's own generator. In torch ops a row of 262k logits went
+// through memory six times (float32 copy, softmax, float64 copy, cumulative sum, search) and took
+// ~0.5 ms; here it is read into a buffer once, exponentiated in place with each block's sum kept
+// (float64 across blocks), and only the block the draw falls in is searched. min_p: a token whose
+// probability is below min_p times the largest one is left out (p = 0), as Sampling says.
+
+namespace {
+
+constexpr int64_t kDrawBlock = 256;
+
+template <typename T>
+int64_t draw_row(const T* z, float* buf, std::vector<double>& sums, int64_t V, float inv_t, float min_p, double u) {
+  load_row(z, buf, nullptr, V, 0.f);
+  const float m = row_max(buf, V);
+  const int64_t blocks = (V + kDrawBlock - 1) / kDrawBlock;
+  double total = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kDrawBlock, n = std::min(kDrawBlock, V - j0);
+    float* e = buf + j0;
+    for (int64_t j = 0; j < n; ++j) e[j] = (e[j] - m) * inv_t;  // <= 0: exp never overflows
+    const float s = exp_sum(e, n, 0.f);
+    double kept = s;
+    if (min_p > 0.f) {  // the largest probability is exp(0) = 1
+      kept = 0.0;
+      for (int64_t j = 0; j < n; ++j) kept += e[j] < min_p ? (e[j] = 0.f) : e[j];
+    }
+    sums[b] = kept;
+    total += kept;
+  }
+  double target = u * total, run = 0.0;
+  int64_t last = -1;  // the last token of nonzero probability seen, where rounding runs past the end
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (sums[b] <= 0.0) continue;
+    if (run + sums[b] <= target) {
+      run += sums[b];
+      for (int64_t j = std::min(kDrawBlock, V - b * kDrawBlock) - 1; j >= 0; --j)
+        if (buf[b * kDrawBlock + j] > 0.f) { last = b * kDrawBlock + j; break; }
+      continue;
+    }
+    for (int64_t j = b * kDrawBlock, end = std::min(V, j + kDrawBlock); j < end; ++j) {
+      if (buf[j] <= 0.f) continue;
+      run += buf[j];
+      last = j;
+      if (run > target) return j;
+    }
+  }
+  return last;  // the block's own sum and its tokens' running sum differ in the last bits
+}
+
+template <typename T>
+void draw_all(const T* z, int64_t stride, const int64_t* rows, const double* u, const float* inv_t,
+              const float* min_p, int64_t* out, int64_t n, int64_t V) {
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(V);
+    std::vector<double> sums((V + kDrawBlock - 1) / kDrawBlock);
+    for (int64_t r = r0; r < r1; ++r)
+      out[r] = draw_row(z + rows[r] * stride, buf.data(), sums, V, inv_t[r], min_p[r], u[r]);
+  });
+}
+
+}  // namespace
+
+// logits (B, V) float32 or bfloat16 with unit stride along V; rows (n,) int64: the rows to draw
+// for, each with its uniform u in [0, 1) (float64), 1 / temperature and min_p (float32; 0: none).
+// Returns (n,) int64 tokens; a row whose logits are all -inf gives -1.
+at::Tensor draw_rows(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& u,
+                     const at::Tensor& inv_t, const at::Tensor& min_p) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0 &&
+              (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+              "logits: (B, V) float32 or bfloat16 with unit stride along V");
+  const int64_t n = rows.numel(), V = logits.size(1);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && u.scalar_type() == at::kDouble &&
+              u.is_contiguous() && u.numel() == n && inv_t.scalar_type() == at::kFloat && inv_t.is_contiguous() &&
+              inv_t.numel() == n && min_p.scalar_type() == at::kFloat && min_p.is_contiguous() && min_p.numel() == n,
+              "rows (n,) int64, u (n,) float64, inv_t and min_p (n,) float32, contiguous");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(rp[r] >= 0 && rp[r] < logits.size(0), "row ", rp[r], " out of range");
+  auto out = at::empty({n}, at::kLong);
+  if (logits.scalar_type() == at::kFloat)
+    draw_all(logits.data_ptr<float>(), logits.stride(0), rp, u.data_ptr<double>(), inv_t.data_ptr<float>(),
+             min_p.data_ptr<float>(), out.data_ptr<int64_t>(), n, V);
+  else
+    draw_all(logits.data_ptr<c10::BFloat16>(), logits.stride(0), rp, u.data_ptr<double>(), inv_t.data_ptr<float>(),
+             min_p.data_ptr<float>(), out.data_ptr<int64_t>(), n, V);
+  return out;
+}
+
 // (declared with the other ops in int8_matmul.cpp)
 TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CPU, m) {
   m.impl("softmax_cross_entropy_", &softmax_cross_entropy_);
+  m.impl("draw_rows", &draw_rows);
 }
