@@ -220,6 +220,10 @@ class Gemma(nn.Module):
             else:
                 kv_pos = cache.positions(kind) if cache is not None else positions  # (B, S)
                 masks[kind] = attention_mask(kind, positions, kv_pos, c.sliding_window, G, segments)  # (B, 1, G*T, S)
+                if c.attn_logit_softcap is None:  # additive, once: SDPA turns a bool mask into it in every layer
+                    dtype = cache.k[0].dtype if cache is not None else x.dtype  # what attention runs in
+                    masks[kind] = torch.zeros(masks[kind].shape, dtype=dtype, device=x.device).masked_fill_(
+                        ~masks[kind], float("-inf"))
 
         for blk in self.layers:
             x = blk(x, ropes[blk.kind], masks[blk.kind], cache, slots)
