@@ -28,9 +28,20 @@ _SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "cross_entr
 # With VNNI every row count takes int8 activations (per row and group of 32, as llama.cpp's Q8_0)
 # and one formula for each output (int8_matmul.cpp), so that a row's result does not depend on the
 # rows beside it: a request decodes the same text alone and among others. The VNNI loop and the
-# AMX tile unit give the same bits; which one runs is a matter of speed (TIMINGS below).
+# AMX tile unit give the same bits; which one runs is a matter of speed. Output head (262144 x
+# 640), 2 threads, ms (a shared 2-core Sapphire Rapids-class VM; FMA and dense: the loops that took
+# these rows before, float32 and bfloat16 activations):
+#   rows          1     4     8    16    32    64   128   512
+#   VNNI        7.8  10.1  12.8  21.4  38.4  87.9   171   722
+#   AMX        11.7  12.0  11.9  12.1  29.5  52.4    94   333
+#   FMA loop    9.3  10.7  12.5  24.4  59.2   120   229  1322
+#   dense        28    31    30    31    41    60    94   290
+# The layers' smaller matrices (640 -> 2048 and 2048 -> 640) cross over from VNNI to AMX at 5-6
+# rows. Past ~256 rows (prefill) oneDNN's bfloat16 blocks run 1.0-1.3x faster than AMX on the
+# layers' matrices (M = 512: 640 -> 2048 1.19 against 1.38 ms, 2048 -> 640 1.19 against 1.57),
+# but they round differently, and the rows a prefill call holds depend on the other requests.
 FMA_ROWS = 0  # the float32 FMA loop: not with VNNI (tests raise it to compare with float32)
-AMX_ROWS = 8  # from how many rows the AMX loop takes the VNNI loop's work, where the CPU has one
+AMX_ROWS = 6  # from how many rows the AMX loop takes the VNNI loop's work, where the CPU has one
 # Without VNNI (AVX2 CPUs) nothing takes int8 activations and the FMA loop beats the dense float32
 # blocks up to ~16 rows (head, AVX2 EPYC, 2 threads, ms: 8 rows 35.6 against 60.5; 16: 70.7, 70.0).
 FMA_ROWS_NO_VNNI = 16
