@@ -71,7 +71,7 @@ def _build(name: str, march: str) -> object | None:
     ops = getattr(torch.ops, name)
 
     @torch.library.register_fake(f"{name}::int8_group_matmul")
-    def _(x, w, s, fma_rows, int8_rows):  # shapes for torch.compile's tracing
+    def _(x, w, s, fma_rows, amx_rows):  # shapes for torch.compile's tracing
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
     return ops
