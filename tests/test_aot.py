@@ -18,10 +18,10 @@ from gemmakit.runtime.engine import Engine
 def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path))
     # Every int8 product on the float32-activation loop, prefill and the full-forward reference
-    # included (decode steps of <= 3 rows take it anyway): the AOT logits then differ from the
-    # reference by float32 summation order alone (~1e-5 here), whichever loops this CPU has, so
-    # the 1e-3 margin below holds on every machine. Without this the reference's 30-row forward
-    # takes AMX, VNNI or bfloat16 blocks by CPU, each with its own rounding.
+    # included: the AOT logits then differ from the reference by float32 summation order alone
+    # (~1e-5 here), whichever loops this CPU has, so the 1e-3 margin below holds on every machine.
+    # Without this the reference's 30-row forward takes the int8 activations' rounding (with
+    # VNNI) or the dense blocks (without).
     monkeypatch.setattr(kernels, "FMA_ROWS", 1 << 30)
     monkeypatch.setattr(kernels, "FMA_ROWS_NO_VNNI", 1 << 30)
     model = Q.quantize(tiny_model(TINY3, seed=5), "int8")

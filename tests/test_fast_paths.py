@@ -1,6 +1,7 @@
 """The fast paths users get (quantized weights) through the generation engine: every token the
-engine picks is the model's own greedy choice, whichever kernel ran (int8's FMA loop for a few
-rows, VNNI for several, dense blocks for many; torch's int4 kernel)."""
+engine picks is the model's own greedy choice, whichever kernel ran (int8 activations on VNNI,
+or AMX from AMX_ROWS rows; without VNNI the FMA loop for a few rows and dense blocks for many;
+torch's int4 kernel)."""
 
 import pytest
 import torch
@@ -22,20 +23,21 @@ def greedy_margin(model: Gemma, prompt: list[int], output: list[int]) -> float:
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-# int8: the FMA loop, int8 activations (AMX or VNNI) for several streams, the dense path for many
-@pytest.mark.parametrize("streams", [1, kernels.FMA_ROWS + 2, kernels.VNNI_ROWS + 2, kernels.AMX_ROWS + 2])
+@pytest.mark.parametrize("streams", [1, 6, kernels.AMX_ROWS + 2, kernels.FMA_ROWS_NO_VNNI + 2, 66])
 def test_engine_decodes_the_quantized_models_greedy_tokens(mode, streams):
     model = Q.quantize(tiny_model(TINY3, seed=5), mode)
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist() for n in torch.randint(2, 14, (streams,), generator=gen)]
     engine = Engine(model, None, max_batch=streams, max_len=40)  # prompts + 20 tokens pass the window of 8
-    assert engine.cache.k[0].dtype == Q.default_dtype(mode)  # the cache follows the activations, not the int weights
+    # the cache follows the activations (int4's bfloat16), int8's is bfloat16: the fast mode's
+    assert engine.cache.k[0].dtype == torch.bfloat16
     requests = [engine.add(p, max_new_tokens=20) for p in prompts]
     while engine.requests:
         engine.step()
     for r in requests:
         assert len(r.output_ids) == 20
-        # bfloat16 (int4, int8's dense path) and a different op order may flip a near-tie, never a clear winner
+        # bfloat16 (int4, int8's dense path, the cache), int8 activations and a different op order
+        # may flip a near-tie, never a clear winner
         assert greedy_margin(model, r.prompt_ids, r.output_ids) < 0.05
 
 

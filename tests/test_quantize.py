@@ -62,8 +62,8 @@ def test_int4_error_is_within_half_a_step_per_group():
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
-# int8: the FMA loop, the int8-activation loop (AMX or VNNI), the dense blocks
-@pytest.mark.parametrize("rows", [1, 3, kernels.FMA_ROWS + 5, kernels.VNNI_ROWS + 1, kernels.AMX_ROWS + 1])
+# int8: int8 activations (VNNI, AMX from AMX_ROWS rows) with VNNI; else the FMA loop and dense blocks
+@pytest.mark.parametrize("rows", [1, 3, kernels.AMX_ROWS + 1, kernels.FMA_ROWS_NO_VNNI + 1, 65])
 def test_forward_equals_the_dequantized_matmul(mode, rows):
     q = Q.QuantizedLinear.from_float(weight(), mode)
     dtype = Q.default_dtype(mode)
@@ -71,16 +71,18 @@ def test_forward_equals_the_dequantized_matmul(mode, rows):
     expected = x.double() @ q.dequantize().double().t()
     got = q(x.view(1, rows, 64))
     assert got.shape == (1, rows, 128) and got.dtype == dtype
-    # float32 FMA for int8's few rows; bfloat16 activations in int4 and in int8's dense blocks
-    tol = 1e-5 if mode == "int8" and rows <= kernels.FMA_ROWS else 2e-2
+    # float32 FMA for int8's few rows without VNNI; int8 activations with it; bfloat16 in int4
+    # and in int8's dense blocks
+    tol = 1e-5 if mode == "int8" and rows <= kernels.fma_rows(kernels.extension().has_vnni()) else 2e-2
     torch.testing.assert_close(got[0].double(), expected, atol=tol, rtol=tol)
 
 
 def test_int8_without_the_kernel_dequantizes_blocks_of_channels(monkeypatch):
     """Where the kernel cannot be built: blocks of 48 channels (the last one partial) over 128."""
     q = Q.QuantizedLinear.from_float(weight(), "int8")
-    x = torch.randn(kernels.FMA_ROWS, 64, generator=torch.Generator().manual_seed(1))
-    with_kernel = q(x)  # the FMA loop: float32 activations, as the fallback
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(kernels, "FMA_ROWS", 4)  # the FMA loop, VNNI or not: float32 activations, as the fallback
+    with_kernel = q(x)
     monkeypatch.setattr(Q, "_CHUNK", 48)
     monkeypatch.setattr(kernels, "_OP", False)
     assert kernels.int8_group_matmul(x, q.weight, q.scales) is None

@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use")
     p.add_argument("--variant", default=None, help="preset of an official checkpoint, where shapes do not tell")
     p.add_argument("--quantize", choices=("auto", "int8", "int4", "none"), default="auto",
-                   help="weight-only quantized (int8: float32 activations, int4: bfloat16), converted once and cached; "
+                   help="weight-only quantized (int8: activations rounded to int8 too where the CPU has VNNI, int4: bfloat16), converted once and cached; "
                         "auto (the default): int8 on the CPU where the file's own weights are quantized (a GGUF)")
     if compile:
         p.add_argument("--compile", nargs="?", const="torch", choices=["auto", "eager", "torch", "aot"], default="auto",

@@ -10,7 +10,8 @@ softmax (see softmax_rows.cpp).
 The C++ sources are built once with `-march=native` by torch's extension loader (about 10 s,
 cached under ~/.cache/torch_extensions). Where they cannot be built (no compiler) or
 GEMMAKIT_NO_KERNELS=1, the functions here return None and callers use plain torch instead.
-GEMMAKIT_NO_AMX=1 keeps the int8 kernel off the AMX tile unit (VNNI takes its rows).
+GEMMAKIT_NO_AMX=1 keeps the int8 kernel off the AMX tile unit (VNNI takes its rows, with the same
+results).
 """
 
 from __future__ import annotations
@@ -25,22 +26,30 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "softmax_rows.cpp")]
-# Which loop runs for how many activation rows (output head, 262144 x 640, 2 threads, ms):
-#   rows          1     4     8    16    32    64
-#   FMA loop    8.8   9.3  16.2  34.6  84.1   167
-#   VNNI        7.4   7.8  13.0  35.3  74.8   175
-#   AMX        14.1  10.8  12.3  14.2  27.5  52.0
-#   dense        32    33    37    36    42    78
-# The FMA loop keeps float32 activations (exact up to the weights), so it keeps the few rows of
-# one conversation; int8 activations take many streams: on the AMX tile unit where the CPU has
-# one, else VNNI; the dense blocks (bfloat16, float32 without AVX512-BF16) take prompts. (Past 64
-# rows oneDNN's bfloat16 matmul wins for the layers' smaller matrices.)
-FMA_ROWS = 4
+# With VNNI every row count takes int8 activations (per row and group of 32, as llama.cpp's Q8_0)
+# and one formula for each output (int8_matmul.cpp), so that a row's result does not depend on the
+# rows beside it: a request decodes the same text alone and among others. The VNNI loop and the
+# AMX tile unit give the same bits; which one runs is a matter of speed. Output head (262144 x
+# 640), 2 threads, ms (a shared 2-core Sapphire Rapids-class VM; FMA and dense: the loops that took
+# these rows before, float32 and bfloat16 activations):
+#   rows          1     4     8    16    32    64   128   512
+#   VNNI        7.8  10.1  12.8  21.4  38.4  87.9   171   722
+#   AMX        11.7  12.0  11.9  12.1  29.5  52.4    94   333
+#   FMA loop    9.3  10.7  12.5  24.4  59.2   120   229  1322
+#   dense        28    31    30    31    41    60    94   290
+# The layers' smaller matrices (640 -> 2048 and 2048 -> 640) cross over from VNNI to AMX at 5-6
+# rows. Past ~256 rows (prefill) oneDNN's bfloat16 blocks run 1.0-1.3x faster than AMX on the
+# layers' matrices (M = 512: 640 -> 2048 1.19 against 1.38 ms, 2048 -> 640 1.19 against 1.57),
+# but they round differently, and the rows a prefill call holds depend on the other requests.
+FMA_ROWS = 0  # the float32 FMA loop: not with VNNI (tests raise it to compare with float32)
+AMX_ROWS = 6  # from how many rows the AMX loop takes the VNNI loop's work, where the CPU has one
+# Without AMX the VNNI loop runs a prompt's many rows 2.5-3.5x slower than the dense blocks (head,
+# 512 rows: 722 against 290 ms), so above this many rows prompts go to those there (speed first:
+# a prompt's keys then depend on how its chunks were cut; decoding rows keep the one formula).
+VNNI_MOST_ROWS = 64
 # Without VNNI (AVX2 CPUs) nothing takes int8 activations and the FMA loop beats the dense float32
 # blocks up to ~16 rows (head, AVX2 EPYC, 2 threads, ms: 8 rows 35.6 against 60.5; 16: 70.7, 70.0).
 FMA_ROWS_NO_VNNI = 16
-VNNI_ROWS = 24
-AMX_ROWS = 64
 
 
 _BUILD = threading.Lock()
@@ -68,7 +77,7 @@ def _build(name: str, march: str) -> object | None:
     ops = getattr(torch.ops, name)
 
     @torch.library.register_fake(f"{name}::int8_group_matmul")
-    def _(x, w, s, fma_rows, int8_rows):  # shapes for torch.compile's tracing
+    def _(x, w, s, fma_rows, amx_rows, vnni_most_rows):  # shapes for torch.compile's tracing
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
     return ops
@@ -77,7 +86,7 @@ def _build(name: str, march: str) -> object | None:
 def extension():
     """The kernels built for this machine (torch.ops.gemmakit), or None. Their op
     `int8_group_matmul` is what models call; the loops one at a time (`fma_matmul`, `vnni_matmul`,
-    `amx_matmul`), `has_vnni()`, `has_amx()` and `argmax_rows` (`argmax` below) are there for
+    `amx_matmul`, `dense_matmul`), `has_vnni()`, `has_amx()` and `argmax_rows` (`argmax` below) are there for
     tests and this module."""
     if os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
         return None
@@ -119,22 +128,20 @@ def variant(kind: str):
 
 
 _OP = None  # the op once built; read (not built) inside compiled code
-_INT8_ROWS = VNNI_ROWS  # up to how many rows the activations go int8: AMX_ROWS where it has AMX
 _VNNI = True  # whether the CPU has VNNI; the row counts themselves are read at each call (tests set them)
 
 
 def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
     """x (M, K) times int8 w (N, K) with float16 group scales s (N, K/32): (M, N) float32, or None
     where the kernel is unavailable (or the tensors are not on the CPU)."""
-    global _OP, _INT8_ROWS, _VNNI
+    global _OP, _VNNI
     if _OP is None and not torch.compiler.is_compiling():
         ext = extension()
         _OP = ext is not None and ext.int8_group_matmul
-        _INT8_ROWS = _int8_rows(ext) if _OP else VNNI_ROWS
         _VNNI = bool(_OP) and ext.has_vnni()
     if not _OP or x.device.type != "cpu":
         return None
-    return _OP(x, w, s, fma_rows(_VNNI), _INT8_ROWS)
+    return _OP(x, w, s, fma_rows(_VNNI), AMX_ROWS, VNNI_MOST_ROWS)
 
 
 def fma_rows(vnni: bool) -> int:
@@ -142,18 +149,15 @@ def fma_rows(vnni: bool) -> int:
     return FMA_ROWS if vnni else FMA_ROWS_NO_VNNI
 
 
-def _int8_rows(ext) -> int:
-    return AMX_ROWS if ext.has_amx() else VNNI_ROWS
-
-
 def describe() -> str:
     """Which loop takes how many activation rows on this machine (for `gemmakit bench`)."""
     ext = extension()
     if ext is None:
         return "none: plain torch (no compiler, or GEMMAKIT_NO_KERNELS=1)"
-    loop = "AMX" if ext.has_amx() else "VNNI" if ext.has_vnni() else None
-    many = f", {loop} int8 up to {_int8_rows(ext)}" if loop else ""
-    return f"float32 FMA up to {fma_rows(ext.has_vnni())} rows{many}, dense blocks above"
+    if not ext.has_vnni():
+        return f"float32 FMA up to {fma_rows(False)} rows, dense blocks above"
+    amx = f" below {AMX_ROWS}, AMX from {AMX_ROWS} (the same bits)" if ext.has_amx() else ""
+    return f"int8 activations at every row count: VNNI{amx}"
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:

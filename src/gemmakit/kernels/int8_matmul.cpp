@@ -1,11 +1,12 @@
 // y = x W^T for weights stored as int8 with one float16 scale per group of 32 input features
-// (llama.cpp's Q8_0 layout), for the few-row products of decoding.
+// (llama.cpp's Q8_0 layout).
 //
 // Decoding multiplies one or a few activation rows by every weight, so the time is the time to
 // stream the weights from memory: one byte per weight here against two for bfloat16 and four for
-// float32. For one conversation's few rows activations stay float32 (the FMA loop: the only error
-// is the weights'), and each weight row is read once for all of them (they stay in L1). Many
-// streams at once round the activations to int8 too (the VNNI and AMX loops further down).
+// float32. Where the CPU has VNNI the activations are rounded to int8 too, at every row count, and
+// every output is formed by one formula (the VNNI and AMX loops further down): a row's result does
+// not depend on the rows beside it. Without VNNI (AVX2 CPUs) the FMA loop keeps float32
+// activations for a few rows, and dense blocks take many.
 
 // Only the headers the kernels use: <torch/extension.h> (pybind11 and all of torch's C++ API)
 // takes ~20 s of a first run's build, these ~4 s.
@@ -181,88 +182,128 @@ void rows(const float* x, const int8_t* w, const c10::Half* s, float* y,
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-// -- Several rows (many streams decoding at once): int8 x int8 dot products (AVX512-VNNI) ----------
-// With 16 rows the FMA loop above is bound by arithmetic, not memory: each weight is converted
-// to float once and multiplied 16 times. Here the activations are quantized like the weights
-// (int8, a float scale per group of 32: llama.cpp's Q8_0 x Q8_0), and one VPDPBUSD multiplies
-// and sums 64 byte pairs. VPDPBUSD wants one unsigned operand: the weights get +128 (a XOR of
-// the sign bit), and each group's dot product starts from -128 * (sum of its activations).
+// -- int8 activations: one formula for every number of rows (AVX512-VNNI, AMX below) ---------------
+// The activations are quantized like the weights (int8, a float scale per group of 32: llama.cpp's
+// Q8_0 x Q8_0), row by row, at every batch size: a row's output then does not depend on the rows
+// beside it (a request's greedy text on what else is decoding). Each group's dot product d is an
+// exact int32, and every loop forms output (m, n) as the same float sequence,
+//   acc = fma(float(d_g) * xs_{m,g}, ws_{n,g}, acc) for g = 0 .. G - 1 in order,
+// so the VNNI and AMX loops, and any split of the work between threads, give the same bits.
+// VPDPBUSD wants one unsigned operand: the weights get +128 (a XOR of the sign bit), and each
+// group's dot product starts from -128 * (sum of its activations).
 
 struct QuantizedRows {
-  std::vector<int8_t> q;     // (M, K)
-  std::vector<float> scale;  // (M, G / 2, 16): a pair of groups' scales, each over its 8 lanes
-  std::vector<int32_t> start;  // (M, G / 2, 16): -128 * sum of the group in the first lane of its 8
+  std::vector<int8_t> q;       // (M, K)
+  std::vector<float> scale;    // (M, G): amax / 127 of each group
+  std::vector<int32_t> start;  // (M, pairs of groups, 16): -128 * a group's sum, in lane 0 (even group) or 8 (odd)
 };
 
+inline int64_t group_pairs(int64_t K) { return (K / kGroup + 1) / 2; }
+
 inline QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  const int64_t G = K / kGroup;
-  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * G * 8), std::vector<int32_t>(M * G * 8, 0)};
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + m * K + g * kGroup;
-      const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // round to nearest even
-      const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + m * K + g * kGroup), _mm512_cvtsepi32_epi8(qa));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + m * K + g * kGroup + 16), _mm512_cvtsepi32_epi8(qb));
-      const int64_t lane = m * G * 8 + g * 8;  // = (m, g / 2, 8 * (g % 2))
-      for (int l = 0; l < 8; ++l) out.scale[lane + l] = d;
-      out.start[lane] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  const int64_t G = K / kGroup, P = group_pairs(K);
+  QuantizedRows out{std::vector<int8_t>(M * K), std::vector<float>(M * G), std::vector<int32_t>(M * P * 16, 0)};
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {  // each row on its own: any split, the same values
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xg = x + m * K + g * kGroup;
+        const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // round to nearest even
+        const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + m * K + g * kGroup), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + m * K + g * kGroup + 16), _mm512_cvtsepi32_epi8(qb));
+        out.scale[m * G + g] = amax / 127.f;
+        out.start[(m * P + g / 2) * 16 + 8 * (g % 2)] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+      }
     }
-  }
+  });
   return out;
 }
 
-// NB weight rows times MT activation rows, two groups (64 bytes) at a time.
-template <int NB, int MT>
+// v[k]: input k's partial sums, lanes 0-7 of a first group, 8-15 of a second. Sums each half in
+// three rounds of pairwise adds (integers: exact in any order); input k's totals land in lane
+// kSlot[k] of `first` and `second`.
+constexpr int kSlot[16] = {0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15};
+
+inline void sum_halves(const __m512i v[16], __m512i& first, __m512i& second) {
+  __m512i h4[8], h2[4], h1[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit blocks [first, first, second, second] -> 4 lanes a half, two inputs
+    h4[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_i32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 4; ++k)  // 2 lanes, within each block
+    h2[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(h4[2 * k], h4[2 * k + 1]), _mm512_unpackhi_epi64(h4[2 * k], h4[2 * k + 1]));
+  for (int k = 0; k < 2; ++k) {  // 1 lane
+    const __m512 a = _mm512_castsi512_ps(h2[2 * k]), b = _mm512_castsi512_ps(h2[2 * k + 1]);
+    h1[k] = _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
+                             _mm512_castps_si512(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  // h1[0]'s blocks: inputs 0 2 4 6 (first half), the same (second), 1 3 5 7 (first), (second); h1[1]: 8-15
+  first = _mm512_shuffle_i32x4(h1[0], h1[1], _MM_SHUFFLE(2, 0, 2, 0));
+  second = _mm512_shuffle_i32x4(h1[0], h1[1], _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// Weight rows n .. n + 15, one a lane (rows from n + `rows` on repeat the last row; their outputs
+// are not stored), times activation rows m0 .. m0 + MT - 1, two groups (64 bytes) at a time.
+template <int MT>
 inline void vnni_block(const QuantizedRows& xq, const int8_t* w, const c10::Half* s, float* y,
-                       int64_t N, int64_t K, int64_t n, int64_t m0) {
-  const int64_t G = K / kGroup;
+                       int64_t N, int64_t K, int64_t n, int rows, int64_t m0) {
+  const int64_t G = K / kGroup, P = group_pairs(K);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  // lanes 0-7 read the first group's scale, lanes 8-15 the second's
-  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc[NB][MT];
-  for (int r = 0; r < NB; ++r)
-    for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+  const int8_t* wk[16];  // sum_halves' input k: weight row n + kSlot[k], the lane its totals land in
+  for (int k = 0; k < 16; ++k) wk[k] = w + (n + std::min(kSlot[k], rows - 1)) * K;
+  // lane i: the offset of row n + i's scales, in float16s; a gather reads two groups' at once
+  const __m512i scale_at = _mm512_mullo_epi32(
+      _mm512_min_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(rows - 1)),
+      _mm512_set1_epi32(static_cast<int>(G)));
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; g += 2) {
-    __m512i wv[NB];
-    __m512 ws[NB];
-    for (int r = 0; r < NB; ++r) {
-      const int8_t* wg = w + (n + r) * K + g * kGroup;
-      _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
-      wv[r] = _mm512_xor_si512(_mm512_loadu_si512(wg), flip);
-      const __m512 two = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0x3, s + (n + r) * G + g));
-      ws[r] = _mm512_permutexvar_ps(pair, two);
+    const bool pair = g + 1 < G;  // K an odd number of groups: the last one alone, the rest zero
+    const __mmask64 bytes = pair ? ~__mmask64{0} : __mmask64{0xFFFFFFFF};
+    __m512i wv[16];
+    for (int k = 0; k < 16; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(wk[k] + 16 * K + g * kGroup), _MM_HINT_T1);  // the next block
+      wv[k] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, wk[k] + g * kGroup), flip);
+    }
+    __m512 ws0, ws1;  // lane i: row n + i's scale of group g, g + 1
+    if (pair) {
+      const __m512i two = _mm512_i32gather_epi32(scale_at, reinterpret_cast<const int*>(s + n * G + g), 2);
+      ws0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(two));
+      ws1 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(two, 16)));
+    } else {  // a gather of two would read past the last row's scales
+      alignas(64) float one[16];
+      for (int i = 0; i < 16; ++i) one[i] = static_cast<float>(s[(n + std::min(i, rows - 1)) * G + g]);
+      ws0 = ws1 = _mm512_load_ps(one);
     }
     for (int i = 0; i < MT; ++i) {
       const int64_t m = m0 + i;
-      const __m512i xv = _mm512_loadu_si512(xq.q.data() + m * K + g * kGroup);
-      const __m512i start = _mm512_loadu_si512(xq.start.data() + m * G * 8 + g * 8);
-      const __m512 xs = _mm512_loadu_ps(xq.scale.data() + m * G * 8 + g * 8);
-      for (int r = 0; r < NB; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xv));
-        acc[r][i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[r], xs), acc[r][i]);
-      }
+      const __m512i xv = _mm512_maskz_loadu_epi8(bytes, xq.q.data() + m * K + g * kGroup);
+      const __m512i start = _mm512_loadu_si512(xq.start.data() + (m * P + g / 2) * 16);
+      __m512i dots[16];
+      for (int k = 0; k < 16; ++k) dots[k] = _mm512_dpbusd_epi32(start, wv[k], xv);
+      __m512i d0, d1;
+      sum_halves(dots, d0, d1);
+      const float* xs = xq.scale.data() + m * G + g;
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs[0])), ws0, acc[i]);
+      if (pair) acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs[1])), ws1, acc[i]);
     }
   }
-  for (int r = 0; r < NB; ++r)
-    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+  const __mmask16 out = static_cast<__mmask16>((1u << rows) - 1);
+  for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, out, acc[i]);
 }
 
+// Weight rows n0..n1 (n0 a multiple of 16; n1 one too, or N) against every activation row.
 void vnni_rows(const QuantizedRows& xq, const int8_t* w, const c10::Half* s, float* y,
                int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  // NB weight rows (NB * K bytes, in L1) against tiles of activation rows: 16 accumulators.
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
+  for (int64_t n = n0; n < n1; n += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, n1 - n));
     int64_t m0 = 0;
-    for (; m0 + 8 <= M; m0 += 8) vnni_block<2, 8>(xq, w, s, y, N, K, n, m0);
-    for (; m0 + 4 <= M; m0 += 4) vnni_block<2, 4>(xq, w, s, y, N, K, n, m0);
-    for (; m0 < M; ++m0) vnni_block<2, 1>(xq, w, s, y, N, K, n, m0);
+    for (; m0 + 4 <= M; m0 += 4) vnni_block<4>(xq, w, s, y, N, K, n, rows, m0);
+    for (; m0 + 2 <= M; m0 += 2) vnni_block<2>(xq, w, s, y, N, K, n, rows, m0);
+    for (; m0 < M; ++m0) vnni_block<1>(xq, w, s, y, N, K, n, rows, m0);
   }
-  for (; n < n1; ++n)
-    for (int64_t m0 = 0; m0 < M; ++m0) vnni_block<1, 1>(xq, w, s, y, N, K, n, m0);
 }
 #endif
 
@@ -302,7 +343,7 @@ inline TiledRows tile_rows(const QuantizedRows& xq, int64_t M, int64_t K) {
       int8_t* b = out.b.data() + (c * G + g) * 512 + 4 * i;
       const int8_t* q = xq.q.data() + m * K + g * kGroup;
       for (int64_t kk = 0; kk < 8; ++kk) std::memcpy(b + 64 * kk, q + 4 * kk, 4);
-      out.scale[(c * G + g) * 16 + i] = xq.scale[m * G * 8 + g * 8];
+      out.scale[(c * G + g) * 16 + i] = xq.scale[m * G + g];
     }
   }
   return out;
@@ -328,7 +369,7 @@ inline void group_sums(const int8_t* w, int64_t K, const int8_t* b, int count, i
   if (count > 3) _tile_stored(3, out + 768, 64);
 }
 
-// Weight rows n0..n1 (multiples of 16) against every activation row.
+// Weight rows n0..n1 (whole blocks of 16) against every activation row.
 void amx_rows(const TiledRows& xt, const int8_t* w, const c10::Half* s, float* y,
               int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   const int64_t G = K / kGroup;
@@ -339,10 +380,17 @@ void amx_rows(const TiledRows& xt, const int8_t* w, const c10::Half* s, float* y
   _tile_loadconfig(&cfg);  // per thread: tiles are registers
   alignas(64) int32_t sums[2][4][16][16];
   std::vector<float> ws(16 * G);
+  // An output larger than L2 (prefill) is streamed past the caches: it would leave them before it
+  // is read, and writing it through them reads every line first (M = 512, N = 2048, 2 threads:
+  // 1.3 instead of 1.6 ms). Rows of y are 64-byte aligned where N is a multiple of 16.
+  const bool stream = N % 16 == 0 && M * N * int64_t{sizeof(float)} >= (int64_t{1} << 21);
   const __m512i down = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
   for (int64_t n = n0; n < n1; n += 16) {
     for (int64_t r = 0; r < 16; ++r)
-      for (int64_t g = 0; g < G; ++g) ws[r * G + g] = static_cast<float>(s[(n + r) * G + g]);
+      for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 some = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g)) - 1);
+        _mm512_mask_storeu_ps(ws.data() + r * G + g, some, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(some, s + (n + r) * G + g)));
+      }
     const int8_t* wn = w + n * K;
     for (int64_t c = 0; c < xt.chunks; ++c) {
       const int8_t* bc = xt.b.data() + c * G * 512;
@@ -369,10 +417,16 @@ void amx_rows(const TiledRows& xt, const int8_t* w, const c10::Half* s, float* y
       // acc[r] holds column n + r for activation rows 16c ... 16c + 15
       alignas(64) float cols[16][16];  // [r][m], read back a row m (16 columns) at a time
       for (int r = 0; r < 16; ++r) _mm512_store_ps(cols[r], acc[r]);
-      for (int64_t m = 0; m < std::min<int64_t>(16, M - 16 * c); ++m)
-        _mm512_storeu_ps(y + (16 * c + m) * N + n, _mm512_i32gather_ps(down, &cols[0][m], 4));
+      for (int64_t m = 0; m < std::min<int64_t>(16, M - 16 * c); ++m) {
+        const __m512 row = _mm512_i32gather_ps(down, &cols[0][m], 4);
+        if (stream)
+          _mm512_stream_ps(y + (16 * c + m) * N + n, row);
+        else
+          _mm512_storeu_ps(y + (16 * c + m) * N + n, row);
+      }
     }
   }
+  if (stream) _mm_sfence();  // the streamed lines are in memory before the caller reads y
   _tile_release();
 }
 #endif
@@ -415,50 +469,48 @@ void dequantize_rows(const int8_t* w, const c10::Half* s, Dense* out, int64_t ro
 
 }  // namespace
 
-// The weight operand every entry point takes: int8 w (N, K) and its float16 scales s (N, K / 32),
-// with K a multiple of `multiple` (32, or 64 where a loop reads two groups at a time).
-void check_weights(const at::Tensor& w, const at::Tensor& s, int64_t K, int64_t multiple) {
+// The weight operand every entry point takes: int8 w (N, K) and its float16 scales s (N, K / 32).
+void check_weights(const at::Tensor& w, const at::Tensor& s, int64_t K) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w: contiguous int8 (N, K)");
   TORCH_CHECK(s.scalar_type() == at::kHalf && s.is_contiguous(), "s: contiguous float16 (N, K / 32)");
-  TORCH_CHECK(w.size(1) == K && K % multiple == 0, "w must be (N, K) with K a multiple of ", multiple);
+  TORCH_CHECK(w.size(1) == K && K % kGroup == 0, "w must be (N, K) with K a multiple of 32");
   TORCH_CHECK(s.numel() == w.size(0) * (K / kGroup), "s must hold N * K / 32 scales");
 }
 
 // y (M, N) = x (M, K) w^T for float32 x, split over the weight rows between torch's threads in
-// whole blocks of `block` rows (N a multiple of it). `prepare(x, w, s, M, N, K)` readies the
-// activations once and returns the work of one task, `work(y, n0, n1)`, which fills columns n0..n1 of y.
+// blocks of `block` rows (the last one maybe short); each output is summed by one thread, in the
+// same order whatever the split. `prepare(x, w, s, M, N, K)` readies the activations once and
+// returns the work of one task, `work(y, n0, n1)`, which fills columns n0..n1 of y.
 template <class Prepare>
-at::Tensor over_weight_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
-                               int64_t multiple, int64_t block, Prepare prepare) {
+at::Tensor over_weight_rows(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, int64_t block, Prepare prepare) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check_weights(w, s, K, multiple);
-  TORCH_CHECK(N % block == 0, "w must have a multiple of ", block, " rows");
+  check_weights(w, s, K);
   const auto work = prepare(x.data_ptr<float>(), w.data_ptr<int8_t>(), s.data_ptr<c10::Half>(), M, N, K);
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   // A task of at least ~64 KiB of weights, in blocks of 4 rows: smaller ones cost more in scheduling than they save.
   const int64_t grain = std::max<int64_t>(4, 65536 / K / 4 * 4);
-  at::parallel_for(0, N / block, (grain + block - 1) / block,
-                   [&](int64_t b0, int64_t b1) { work(yp, b0 * block, b1 * block); });
+  at::parallel_for(0, (N + block - 1) / block, (grain + block - 1) / block,
+                   [&](int64_t b0, int64_t b1) { work(yp, b0 * block, std::min(b1 * block, N)); });
   return y;
 }
 
 at::Tensor fma_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
-  return over_weight_rows(x, w, s, kGroup, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
-                                              int64_t M, int64_t N, int64_t K) {
+  return over_weight_rows(x, w, s, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+                                         int64_t M, int64_t N, int64_t K) {
     return [=](float* yp, int64_t n0, int64_t n1) { rows(xp, wp, sp, yp, M, N, K, n0, n1); };
   });
 }
 
-// The same product for many activation rows (prefill, many streams), where the FMA loop above runs
-// out of arithmetic: each thread turns an L2-sized block of weight rows into `Dense` (bfloat16 or
-// float32) and hands it to torch's dense matmul (oneDNN: AMX, AVX512-BF16 or float32 FMA), with the
+// The same product for many activation rows (prefill, many streams) on CPUs without VNNI, where
+// the FMA loop above runs out of arithmetic: each thread turns an L2-sized block of weight rows
+// into `Dense` (bfloat16 or float32) and hands it to torch's dense matmul (oneDNN), with the
 // activations in the same type.
 at::Tensor dense_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: floating point (M, K)");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check_weights(w, s, K, kGroup);
+  check_weights(w, s, K);
   const auto xb = x.to(c10::CppTypeToScalarType<Dense>::value).contiguous();
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -503,10 +555,14 @@ bool has_amx() {
 at::Tensor amx_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
 #ifdef GEMMAKIT_AMX
   TORCH_CHECK(amx_granted(), "the OS did not grant this process the AMX tile registers");
-  return over_weight_rows(x, w, s, kGroup, 16, [](const float* xp, const int8_t* wp, const c10::Half* sp,
-                                                  int64_t M, int64_t N, int64_t K) {
-    return [xt = tile_rows(quantize_rows(xp, M, K), M, K), wp, sp, M, N, K](float* yp, int64_t n0, int64_t n1) {
-      amx_rows(xt, wp, sp, yp, M, N, K, n0, n1);
+  return over_weight_rows(x, w, s, 16, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+                                          int64_t M, int64_t N, int64_t K) {
+    QuantizedRows xq = quantize_rows(xp, M, K);
+    TiledRows xt = tile_rows(xq, M, K);
+    return [xq = std::move(xq), xt = std::move(xt), wp, sp, M, N, K](float* yp, int64_t n0, int64_t n1) {
+      const int64_t tiles = n0 + (n1 - n0) / 16 * 16;  // a last block of fewer than 16 rows: VNNI, the same sums
+      amx_rows(xt, wp, sp, yp, M, N, K, n0, tiles);
+      vnni_rows(xq, wp, sp, yp, M, N, K, tiles, n1);
     };
   });
 #else
@@ -516,8 +572,8 @@ at::Tensor amx_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 at::Tensor vnni_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-  return over_weight_rows(x, w, s, 2 * kGroup, 1, [](const float* xp, const int8_t* wp, const c10::Half* sp,
-                                                  int64_t M, int64_t N, int64_t K) {
+  return over_weight_rows(x, w, s, 16, [](const float* xp, const int8_t* wp, const c10::Half* sp,
+                                          int64_t M, int64_t N, int64_t K) {
     return [xq = quantize_rows(xp, M, K), wp, sp, M, N, K](float* yp, int64_t n0, int64_t n1) {
       vnni_rows(xq, wp, sp, yp, M, N, K, n0, n1);
     };
@@ -579,28 +635,31 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
-// The op torch sees (eager and compiled alike, no Python in between): the FMA loop up to
-// fma_rows activation rows, int8 activations up to int8_rows (the AMX loop where the CPU and OS
-// offer it and N is a multiple of 16, else VNNI where K is a multiple of 64), the dense blocks above.
+// The op torch sees (eager and compiled alike, no Python in between). With VNNI: int8 activations
+// at every row count (past fma_rows, 0 unless a test asks), on the VNNI loop, or the AMX loop from
+// amx_rows rows where the CPU and OS offer it: the same bits, whichever runs. Without VNNI: the
+// FMA loop up to fma_rows rows, the dense blocks above.
 at::Tensor int8_group_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
-                                int64_t fma_rows, int64_t int8_rows) {
+                             int64_t fma_rows, int64_t amx_rows, int64_t vnni_most_rows) {
   TORCH_CHECK(x.dim() == 2, "x: (M, K)");
   const int64_t M = x.size(0);
   if (M <= fma_rows) return fma_matmul(x.to(at::kFloat).contiguous(), w, s);
-  if (M <= int8_rows && has_amx() && w.size(0) % 16 == 0) return amx_matmul(x.to(at::kFloat).contiguous(), w, s);
-  if (M <= int8_rows && has_vnni() && x.size(1) % (2 * kGroup) == 0)
-    return vnni_matmul(x.to(at::kFloat).contiguous(), w, s);
-  return dense_matmul(x, w, s);
+  if (!has_vnni()) return dense_matmul(x, w, s);
+  // Without the tile unit, prompts' many rows on the dense blocks (kernels/__init__.py, VNNI_MOST_ROWS).
+  if (!has_amx() && M > vnni_most_rows) return dense_matmul(x, w, s);
+  const auto xf = x.to(at::kFloat).contiguous();
+  return M >= amx_rows && has_amx() ? amx_matmul(xf, w, s) : vnni_matmul(xf, w, s);
 }
 
 // GEMMAKIT_NS: the ops' namespace, `gemmakit` for the build for this machine; tests build the
 // same source for other instruction sets under other names (kernels/__init__.py, `variant`).
 TORCH_LIBRARY(GEMMAKIT_NS, m) {
-  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows, int int8_rows) -> Tensor");
+  m.def("int8_group_matmul(Tensor x, Tensor w, Tensor s, int fma_rows, int amx_rows, int vnni_most_rows) -> Tensor");
   // the loops one at a time and what the build has, for tests and `describe()`
   m.def("fma_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
   m.def("vnni_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
   m.def("amx_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
+  m.def("dense_matmul(Tensor x, Tensor w, Tensor s) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("has_vnni() -> bool");
   m.def("has_amx() -> bool");
@@ -613,6 +672,7 @@ TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CPU, m) {
   m.impl("fma_matmul", &fma_matmul);
   m.impl("vnni_matmul", &vnni_matmul);
   m.impl("amx_matmul", &amx_matmul);
+  m.impl("dense_matmul", &dense_matmul);
   m.impl("argmax_rows", &argmax_rows);
 }
 

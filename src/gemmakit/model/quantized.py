@@ -5,9 +5,11 @@ that hold integer weights and their scales; norms, attention and the KV cache ru
 
 - int8: symmetric, a float16 scale per group of 32 input features of each output channel (the
   layout of llama.cpp's Q8_0, so the real model's Q8_0 embedding converts without loss). Products
-  run in gemmakit's own kernel (`kernels/`): float32 activations times the int8 weights, streamed
-  once per step whatever the number of rows, and through bfloat16 blocks for many rows (prefill).
-  Activations default to float32: the kernel takes them, and the error is then the weights' alone.
+  run in gemmakit's own kernel (`kernels/`), the weights streamed once per step whatever the number
+  of rows: where the CPU has VNNI the kernel rounds the activations to int8 per group (Q8_0 x Q8_0)
+  at every row count, so a row's result does not depend on the batch; without it, float32
+  activations for a few rows and dense blocks for many. Activations default to float32: the
+  kernel takes them.
 - int4: asymmetric, a scale and a zero per group of `group_size` input features of each output
   channel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, whose packed layout we also read back);
   bfloat16 activations, which that kernel needs.
