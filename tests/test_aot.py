@@ -2,6 +2,8 @@
 model's own greedy choices, its writes land in the engine's cache, and the package is compiled
 once per shape and read from disk after that."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_fast_paths import greedy_margin  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
@@ -24,15 +26,15 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
     # VNNI) or the dense blocks (without).
     monkeypatch.setattr(kernels, "FMA_ROWS", 1 << 30)
     monkeypatch.setattr(kernels, "FMA_ROWS_NO_VNNI", 1 << 30)
-    model = Q.quantize(tiny_model(TINY3, seed=5), "int8")
+    model = Q.quantize(tiny_model(dataclasses.replace(TINY3, sliding_window=16), seed=5), "int8")
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 512, (int(n),), generator=gen).tolist() for n in (5, 9, 3)]
-    # A ring of 16 (twice the window of 8): spans 2-15 go through one program, 16-39 (the ring
+    # A ring of 32 (twice the window of 16): spans 2-31 go through one program, 32-63 (the ring
     # full, the global layers still growing) through the other; the second request (9 + 24 tokens)
-    # crosses from one to the other.
-    engine = Engine(model, None, max_batch=3, max_len=40, compile="aot")
+    # crosses from one to the other (spans are whole multiples of 16 slots: cache.SPAN_STEP).
+    engine = Engine(model, None, max_batch=3, max_len=64, compile="aot")
     programs = engine.decode_step.aot.programs
-    assert [(lo, hi) for _, lo, hi in programs] == [(2, 15), (16, 39)]
+    assert [(lo, hi) for _, lo, hi in programs] == [(2, 31), (32, 63)]
     assert len(list((tmp_path / "aot").glob("decode-*.pt2"))) == 2
     calls = {}
     for i, (runner, lo, hi) in enumerate(programs):
@@ -44,8 +46,8 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
         engine.step()
         steps += 1
     assert calls[2][:4] == [3] * 4 and 2 in calls[2]  # the batch shrinks as requests end: a dynamic dim
-    assert calls[16] and len(calls[2]) + len(calls[16]) == steps  # every step ran compiled, both sides of the ring
-    eager = Engine(model, None, max_batch=3, max_len=40)
+    assert calls[32] and len(calls[2]) + len(calls[32]) == steps  # every step ran compiled, both sides of the ring
+    eager = Engine(model, None, max_batch=3, max_len=64)
     for r in requests:
         assert greedy_margin(model, r.prompt_ids, r.output_ids) < 1e-3
         again = eager.add(r.prompt_ids, max_new_tokens=len(r.output_ids))
@@ -57,7 +59,7 @@ def test_aot_engine_decodes_the_models_greedy_tokens_and_reuses_its_package(tmp_
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(torch.export, "export", no_export)
-    Engine(model, None, max_batch=3, max_len=40, compile="aot")  # same shapes: the packages on disk
+    Engine(model, None, max_batch=3, max_len=64, compile="aot")  # same shapes: the packages on disk
 
 
 def test_a_package_is_keyed_by_the_code_it_compiles(tmp_path, monkeypatch):

@@ -292,3 +292,35 @@ def test_int8_engines_keep_keys_and_values_in_bfloat16_within_its_rounding(model
     exact, rounded = logits(torch.float32), logits(torch.bfloat16)
     error = (rounded - exact).abs().max() / exact.abs().max()
     assert 0 < error < 8 * 2.0 ** -8
+
+
+@torch.inference_mode()
+def test_an_int8_requests_tokens_and_logprobs_do_not_depend_on_the_batch(model, tokenizer):
+    """The fast mode forms every output of a row the same way whatever else is in the call (the
+    int8 kernel: one formula per row; attention: whole SPAN_STEP multiples of slots), so a request
+    decoded beside others gets the bits it gets alone, past the sliding window: its tokens and
+    their logprobs exactly (issue 18). Prompts of 1-3 tokens keep even their batched prefill within
+    the rows every CPU's kernel forms one way (without VNNI: its FMA loop's 16)."""
+    import copy
+
+    from gemmakit import kernels
+    from gemmakit.model.quantized import quantize
+
+    ext = kernels.extension()
+    if not ext.has_vnni() and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        pytest.skip("AVX-512 without VNNI: its FMA loop picks a formula by tile of rows")
+    quantized = quantize(copy.deepcopy(model), "int8")
+    g = torch.Generator().manual_seed(11)
+    # of different lengths, so that the rows' spans differ (alone, each reads only as far as itself)
+    prompts = [torch.randint(3, tokenizer.vocab_size, (n,), generator=g).tolist() for n in (1, 3, 2, 3, 1)]
+
+    def run(batch):
+        engine = Engine(quantized, tokenizer, max_batch=len(batch), max_len=64)
+        requests = [engine.submit(p, 3 * WINDOW, logprobs=1) for p in batch]
+        engine.step()  # admits them together
+        while engine.requests:
+            engine.step()
+        return [(r.output_ids, r.output_logprobs) for r in requests]
+
+    alone = [run([p])[0] for p in prompts]
+    assert run(prompts) == alone

@@ -19,6 +19,9 @@ import torch
 from ..config import GemmaConfig, LayerKind
 
 
+SPAN_STEP = 16
+
+
 class KVCache:
     def __init__(self, config: GemmaConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", ring: bool = True):
@@ -67,7 +70,10 @@ class KVCache:
     def _extend(self, end: int) -> None:
         if end > self.max_len:
             raise IndexError(f"position {end - 1} is beyond the cache ({self.max_len})")
-        self._extent[0] = max(self._extent[0], end)
+        # Attention reads whole multiples of SPAN_STEP slots: torch's CPU attention sums a row the
+        # same way over any such span with the tail masked, not over others, so a row's result
+        # does not depend on the longest row beside it (issue 18).
+        self._extent[0] = max(self._extent[0], min(self.max_len, -(-end // SPAN_STEP) * SPAN_STEP))
 
     def record(self, positions: torch.Tensor) -> dict[LayerKind, torch.Tensor]:
         """Claims the slots for new tokens at `positions` (B, T); returns the slots per layer kind."""
