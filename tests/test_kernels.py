@@ -3,6 +3,7 @@ split on, the argmax, and the training loss's cross-entropy rows."""
 
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,14 +51,16 @@ def runs_here(kind):
     """Whether this CPU runs the kernels built for kernels.VARIANTS[kind]."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
-    return kind == "portable" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    capability = torch.backends.cpu.get_cpu_capability()
+    return kind == "portable" or capability == "AVX512" or (kind == "avx2" and capability == "AVX2")
 
 
-@pytest.fixture(params=["native", "avx2", "portable"])
+@pytest.fixture(params=["native", "avx512", "avx2", "portable"])
 def build(request):
     """(ops, fma_rows, amx_rows): the kernels for this machine, as models call them, and the same
     sources built for AVX2 CPUs (256-bit loops, float32 dense blocks) and for none (the
-    compiler's own loops), so that every path runs on every x86-64 machine."""
+    compiler's own loops), and for AVX-512 without VNNI where the CPU has AVX-512, so that every
+    path runs on every x86-64 machine that can run it."""
     if request.param == "native":
         ops = kernels.extension()
         return ops, kernels.fma_rows(ops.has_vnni()), kernels.AMX_ROWS, kernels.VNNI_MOST_ROWS
@@ -127,10 +130,11 @@ def test_vnni_and_amx_loops_give_the_same_bits(rows, n, k):
     assert torch.equal(ext.vnni_matmul(x, w, s), ext.amx_matmul(x, w, s))
 
 
-@pytest.mark.parametrize("kind", ["avx2", "portable"])
-def test_the_fma_loops_without_avx512_give_a_row_the_same_result_in_any_batch(kind):
-    """The 256-bit and portable loops use one formula for every tile of rows, so a row's output does
-    not depend on the rows beside it (a request's tokens on what else is decoding)."""
+@pytest.mark.parametrize("kind", ["avx512", "avx2", "portable"])
+def test_the_fma_loops_give_a_row_the_same_result_in_any_batch(kind):
+    """The float32 loops of CPUs without VNNI (512- and 256-bit, portable) use one formula for every
+    tile of rows, so a row's output does not depend on the rows beside it (a request's tokens on
+    what else is decoding)."""
     if not runs_here(kind):
         pytest.skip(f"this CPU cannot run the {kind} build")
     ops = kernels.variant(kind)
@@ -290,3 +294,22 @@ def test_draw_rows_is_the_inverse_cdf_of_the_softmax(build, dtype):
         assert got[i] == want or near < 1e-6, (i, int(got[i]), want)
     assert got[2] == 500
     assert ops.draw_rows(logits[:, :V - 3], rows[:1], u[:1], (1 / t[:1]).float(), min_p[:1].float()).shape == (1,)  # a strided view
+
+
+def test_a_build_lock_left_by_a_dead_build_does_not_hang_the_next_process():
+    """torch's extension loader waits for its build lock without end; a build that was killed
+    leaves one behind, which gemmakit removes once it is older than any build takes."""
+    import subprocess
+    import sys
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert kernels.variant("portable") is not None
+    lock = Path(_get_build_directory("gemmakit_portable", verbose=False)) / "lock"
+    lock.touch()
+    old = time.time() - 2 * kernels._STALE
+    os.utime(lock, (old, old))
+    code = "from gemmakit import kernels; print(kernels.variant('portable') is not None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True"] and "stale build lock" in out.stderr and not lock.exists()

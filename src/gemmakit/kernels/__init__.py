@@ -17,8 +17,10 @@ results).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
+import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -62,7 +64,14 @@ def _build(name: str, march: str) -> object | None:
     ~/.cache/torch_extensions), or None where they cannot be built."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    folder = Path(_get_build_directory(name, verbose=False))
+    built, lock = folder / f"{name}.so", folder / "lock"
+    try:  # torch waits for its build lock without end: one left by a build that died is removed
+        if time.time() - lock.stat().st_mtime > _STALE:
+            lock.unlink(missing_ok=True)
+            warnings.warn(f"gemmakit: removed a stale build lock ({lock})", stacklevel=4)
+    except FileNotFoundError:
+        pass
     if not built.exists() and name == "gemmakit":
         print("gemmakit: compiling its CPU kernels for this machine (once, about 10 s)", file=sys.stderr, flush=True)
     try:
@@ -97,29 +106,39 @@ def extension():
         return ops
 
 
+_STALE = 600  # seconds after which a build lock is taken to be a dead build's (a build takes ~10 s)
 _STARTED = False
+_BUILDER: subprocess.Popen | None = None
 
 
 def build_in_background() -> None:
-    """Starts building the kernels on a thread of their own (once), so that a first run compiles
-    them while it reads and converts its checkpoint."""
-    global _STARTED
-    if not _STARTED and os.environ.get("GEMMAKIT_NO_KERNELS") != "1":
-        _STARTED = True
-        threading.Thread(target=extension, name="gemmakit-kernels", daemon=True).start()
+    """Where the kernels are not built yet, starts building them in a process of its own (once),
+    so that a first run compiles them while it reads and converts its checkpoint. A process, not a
+    thread: it finishes the build (and releases torch's build lock) even when this one exits first."""
+    global _STARTED, _BUILDER
+    if _STARTED or _BUILT or os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
+        return
+    _STARTED = True
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if not (Path(_get_build_directory("gemmakit", verbose=False)) / "gemmakit.so").exists():
+        _BUILDER = subprocess.Popen([sys.executable, "-c", "from gemmakit import kernels; kernels.extension()"],
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _ready():
     """The kernels if they are loaded by now, else None without waiting (they start building)."""
-    if _BUILT:
-        return extension()
-    build_in_background()
-    return None
+    if not _BUILT:
+        build_in_background()
+        if _BUILDER is not None and _BUILDER.poll() is None:
+            return None
+    return extension()
 
 
-# Instruction sets the tests build the same sources for, to run each path on any x86-64 machine:
-# the 256-bit loops of AVX2 CPUs, and the portable loops of a compiler on its own.
-VARIANTS = {"avx2": "x86-64-v3", "portable": "x86-64"}
+# Instruction sets the tests build the same sources for, to run each path on any x86-64 machine
+# that has them: AVX-512 without VNNI (its float32 FMA loop), the 256-bit loops of AVX2 CPUs, and
+# the portable loops of a compiler on its own.
+VARIANTS = {"avx512": "skylake-avx512", "avx2": "x86-64-v3", "portable": "x86-64"}
 
 
 def variant(kind: str):

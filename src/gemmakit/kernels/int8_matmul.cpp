@@ -47,12 +47,13 @@ constexpr bool kWide = false;
 // NB weight rows times MT activation rows, over all groups; NB * MT independent accumulators keep
 // the FMA units busy while the weights stream in. The work is bound by the two vector ports, so
 // every uop counts: the float16 scales of 16 groups are converted in one instruction and read
-// back as memory broadcasts (load ports, not vector ports); with few rows a group's scale
-// multiplies its dot product (3 ops a row), with more it multiplies the weights once (2 ops a row).
+// back as memory broadcasts (load ports, not vector ports). Each group's scale multiplies its
+// weights as they are converted, whatever the tile (scaling a row's dot product instead saves an
+// op at 1-2 rows, but a row's result would then depend on the tile it came in: issue 18). Only
+// CPUs without VNNI run this loop (AVX-512 before Cascade Lake).
 template <int NB, int MT>
 inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
                   int64_t N, int64_t K, int64_t n, int64_t m0) {
-  constexpr bool kScaleSums = MT <= 2;
   const int64_t G = K / kGroup;
   __m512 acc[NB][MT];
   for (int r = 0; r < NB; ++r)
@@ -72,20 +73,13 @@ inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
         scale[r] = _mm512_set1_ps(scales[r][j]);
         w0[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg))));
         w1[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16))));
-        if constexpr (!kScaleSums) {
-          w0[r] = _mm512_mul_ps(scale[r], w0[r]);
-          w1[r] = _mm512_mul_ps(scale[r], w1[r]);
-        }
+        w0[r] = _mm512_mul_ps(scale[r], w0[r]);
+        w1[r] = _mm512_mul_ps(scale[r], w1[r]);
       }
       for (int i = 0; i < MT; ++i) {
         const float* xg = x + (m0 + i) * K + g * kGroup;
         const __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
-        for (int r = 0; r < NB; ++r) {
-          if constexpr (kScaleSums)
-            acc[r][i] = _mm512_fmadd_ps(_mm512_fmadd_ps(w1[r], x1, _mm512_mul_ps(w0[r], x0)), scale[r], acc[r][i]);
-          else
-            acc[r][i] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][i]));
-        }
+        for (int r = 0; r < NB; ++r) acc[r][i] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][i]));
       }
     }
   }
@@ -97,8 +91,7 @@ inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
 // The FMA loop on 256-bit vectors, for CPUs without AVX-512 (AMD before Zen 4, most Intel
 // desktops). 16 registers: NB * MT accumulators, NB converted weight chunks, one activation chunk.
 // Each group's scale multiplies its weights as they are converted, whatever the tile: a row's
-// result is formed the same way in every batch it comes in (batch-invariant; the AVX-512 loop
-// above picks its formula by tile size).
+// result is formed the same way in every batch it comes in, as in the AVX-512 loop above.
 template <int NB, int MT>
 inline void block(const float* x, const int8_t* w, const c10::Half* s, float* y,
                   int64_t N, int64_t K, int64_t n, int64_t m0) {
