@@ -132,9 +132,11 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling],
     (prompt_ids, output_ids), feeds its penalties (None: no penalty); allowed[i], a bool (V,)
     tensor such as a grammar's `Constraint.mask`, sets every token it marks False to -inf before
     anything else, so greedy rows and sampled rows alike choose among the allowed tokens only.
-    Greedy rows with nothing to adjust cost one batched argmax; only the other rows get a float32
-    copy of their own logits, one at a time (a row of Gemma's 262k logits, and what sampling
-    makes of it, stays in a CPU core's cache, where a batch of them would not).
+    Greedy rows with nothing to adjust cost one batched argmax; sampled rows with nothing to
+    adjust, no top_k and no top_p one batched draw in gemmakit's kernel (kernels.draw) where it is
+    built; only the other rows get a float32 copy of their own logits, one at a time (a row of
+    Gemma's 262k logits, and what sampling makes of it, stays in a CPU core's cache, where a batch
+    of them would not).
     """
     masks = allowed if allowed is not None else [None] * len(samplings)
     plain = [s.greedy and mask is None and not s.adjusts_logits for s, mask in zip(samplings, masks)]
