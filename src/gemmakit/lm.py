@@ -54,12 +54,12 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
     name = f"random {source.family}" if isinstance(source, GemmaConfig) else str(source)  # what servers show
     if isinstance(source, str) and source in PRESETS and not os.path.exists(source):
         source = PRESETS[source]
-    if quantize and device.type == "cpu":  # the int8 kernels compile (a first run) while the file is read
-        kernels.build_in_background()
     if quantize == "auto":  # random weights stay as they are
         q = None if isinstance(source, GemmaConfig) else converted.auto(source, device)
         quantize = q and q.mode
     q = Quantization(quantize, dtype=_dtype(dtype) if dtype is not None else None) if quantize else None
+    if q and q.mode == "int8" and device.type == "cpu":  # its kernels compile (a first run) while the file is read
+        kernels.build_in_background()
     dtype = q.dtype if q else _dtype(dtype) if dtype is not None else torch.float32
     if q and device.type != "cpu" and q.mode == "int4":
         raise ConfigError(f"int4 runs on torch's CPU int4 kernel; it cannot run on {device} (use int8)")

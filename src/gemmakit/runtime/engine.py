@@ -136,7 +136,7 @@ class Engine:
         of prefill dearer), so that the running streams' inter-token latency stays within
         (1 + share) of their own pace (None: the budget alone). prefix_cache: tokens the prefix
         cache keeps (None: as many as the rows hold, at most 1 GiB of keys and values; 0: none).
-        kv_dtype: the cache's keys and values (None: `kv_dtype(module)`)."""
+        kv_dtype: the cache's keys and values (None: `default_kv_dtype(module)`)."""
         config = module.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not isinstance(max_batch, int) or max_batch < 1:
