@@ -105,10 +105,64 @@ def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes
         out[f"decode_b{n}_tok_s"] = n * decode / (time.perf_counter() - start)
         L.llama_batch_free(batch)
         L.llama_free(ctx)
-    # Its users call these same functions: its "generate" figures are its decode ones.
-    for n in (1, 16):
-        if f"decode_b{n}_tok_s" in out:
-            out[f"generate_b{n}_tok_s"] = out[f"decode_b{n}_tok_s"]
+    out |= llamacpp_generate(L, llm, prompt, threads)
+    return out
+
+
+def llamacpp_generate(L, llm, prompt: list[int], threads: int) -> dict:
+    """The lm.generate columns' work done as llama.cpp's users do it, timed the same way (the
+    prompts' prefill included, a warm-up call first, the timed call on prompts of its own):
+    128 greedy tokens after a 32-token prompt through `Llama.generate`; 16 prompts of 32 tokens
+    in one llama_decode, then 64 steps of one llama_decode for all 16."""
+    import numpy as np
+
+    from gemmakit.bench import GENERATE_TOKENS
+
+    other = [prompt[0]] + [t + 1 for t in prompt[1:]]
+    out = {}
+    times = []
+    for ids in (prompt[:32], other[:32]):
+        llm.reset()
+        start = time.perf_counter()
+        for i, _ in enumerate(llm.generate(ids, temp=0.0, reset=True)):
+            if i + 1 == GENERATE_TOKENS:
+                break
+        times.append(time.perf_counter() - start)
+    out["generate_b1_tok_s"] = GENERATE_TOKENS / times[-1]
+
+    n, new = 16, 64
+    vocab = llm.n_vocab()
+    params = L.llama_context_default_params()
+    params.n_ctx = n * (32 + new + 8)
+    params.n_batch = params.n_ubatch = n * 32
+    params.n_seq_max = n
+    params.n_threads = params.n_threads_batch = threads
+    new_context = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
+    for ids in (prompt, other):
+        ctx = new_context(llm.model, params)
+        batch = L.llama_batch_init(n * 32, 0, n)
+
+        def decode(items):  # (token, position, sequence, wants logits)
+            batch.n_tokens = len(items)
+            for i, (tok, pos, seq, logits) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, logits
+                batch.seq_id[i][0] = seq
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        def argmax(i):
+            return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,))))
+
+        start = time.perf_counter()
+        decode([(t, p, s, p == 31) for s in range(n) for p, t in enumerate(ids[s:s + 32])])
+        nxt = [argmax(s * 32 + 31) for s in range(n)]
+        for step in range(new - 1):
+            decode([(nxt[s], 32 + step, s, True) for s in range(n)])
+            nxt = [argmax(s) for s in range(n)]
+        seconds = time.perf_counter() - start
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+    out["generate_b16_tok_s"] = n * new / seconds
     return out
 
 

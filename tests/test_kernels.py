@@ -313,3 +313,87 @@ def test_a_build_lock_left_by_a_dead_build_does_not_hang_the_next_process():
     code = "from gemmakit import kernels; print(kernels.variant('portable') is not None)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True"] and "stale build lock" in out.stderr and not lock.exists()
+
+
+def attention_inputs(B, Q, S, dtype, seed=0, D=256):
+    """q (B, 1, Q, D), k and v views (B, 1, S, D) of a larger cache (strided as the engine's are)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, Q, D, generator=g).to(dtype)
+    k = torch.randn(B + 1, 1, S + 40, D, generator=g).to(dtype)[1:, :, :S]
+    v = torch.randn(B + 1, 1, S + 40, D, generator=g).to(dtype)[1:, :, :S]
+    return q, k, v
+
+
+def additive(keep, dtype):
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+
+
+def attention_reference(q, k, v, mask, scale):
+    """float64 softmax(q k^T scale + mask) v; a query with no slot left: zeros."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale + mask.double()
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    return p @ v.double()
+
+
+def attention_bound(q, k, v, scale):
+    """How far float32 sums can take the kernel from the float64 attention: each score's D-term
+    dot product errs by at most D eps sum |q_d k_d| (times scale), which moves the softmax weights
+    by a factor within exp(+-2 delta); the weighted sum of S values adds S eps of max |v|."""
+    eps = torch.finfo(torch.float32).eps / 2
+    D, S = q.shape[-1], k.shape[-2]
+    delta = scale * D * eps * (q.double().abs() @ k.double().abs().transpose(-1, -2)).amax()
+    return float((4 * delta + (S + D + 8) * eps) * v.double().abs().amax() * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Q", [1, 2, 3, 4, 8])  # Gemma's queries per KV head (3: the loops for any count)
+@pytest.mark.parametrize("S", [37, 600])  # one part of 256 slots, and three
+@pytest.mark.parametrize("D", [48, 256])  # 48: not whole pairs of 16 (bfloat16 pairs' loop)
+def test_attend_equals_the_float64_attention(build, dtype, Q, S, D):
+    ops, scale = build[0], 0.0625
+    B = 4
+    q, k, v = attention_inputs(B, Q, S, dtype, D=D)
+    slots = torch.arange(S)
+    keep = torch.ones(B, 1, Q, S, dtype=torch.bool)
+    keep[1] = ((slots >= S * 2 // 3) | (slots < S // 6))[None, None]  # a sliding ring that has wrapped
+    keep[2] = torch.rand(1, Q, S, generator=torch.Generator().manual_seed(3)) < 0.3  # each query its own slots
+    keep[3, :, 0] = False  # one query with nothing to attend to: zeros
+    keep[3, :, 1:, : S // 2] = False
+    mask = additive(keep, dtype)
+    got = ops.attend(q, k, v, mask, scale)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    want = attention_reference(q, k, v, mask, scale)
+    assert (got.double() - want).abs().max() <= attention_bound(q, k, v, scale)
+    assert torch.equal(got[3, :, 0], torch.zeros_like(got[3, :, 0]))
+
+
+@pytest.mark.parametrize("Q", [3, 4])
+@pytest.mark.parametrize("D", [16, 256])
+def test_attend_gives_a_row_the_same_bits_in_any_batch_and_span(build, Q, D):
+    """A row's result depends on its own queries, keys and mask: not on the rows beside it, nor on
+    how many (masked) slots past its own the step reads, nor on the threads."""
+    ops, scale, dtype = build[0], 0.0625, torch.bfloat16
+    q, k, v = attention_inputs(5, Q, 700, dtype, seed=1, D=D)
+    keep = torch.zeros(5, 1, Q, 700, dtype=torch.bool)
+    for b, length in enumerate([300, 700, 520, 1, 690]):
+        keep[b, :, :, :length] = True
+    mask = additive(keep, dtype)
+    together = ops.attend(q, k, v, mask, scale)
+    alone = ops.attend(q[:1], k[:1, :, :304], v[:1, :, :304], mask[:1, :, :, :304].contiguous(), scale)
+    assert torch.equal(together[:1], alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.attend(q, k, v, mask, scale), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_attend_rejects_inputs_it_cannot_read():
+    q, k, v = attention_inputs(2, 4, 40, torch.bfloat16)
+    mask = additive(torch.ones(2, 1, 4, 40, dtype=torch.bool), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        torch.ops.gemmakit.attend(q.float(), k, v, mask, 1.0)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.gemmakit.attend(q, k, v, mask[:, :, :, :39], 1.0)
+    assert kernels.attend(q.float(), k.float(), v.float(), mask.float(), 1.0) is None  # float caches: torch's attention

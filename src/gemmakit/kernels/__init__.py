@@ -4,8 +4,8 @@
 input features (N, K/32) (see int8_matmul.cpp). Torch has no kernel for this layout, and its
 per-channel one (`_weight_int8pack_mm`) reads the weights at under half of memory speed.
 `softmax_cross_entropy_(z, targets, softcap)`: the training loss's per-block cross-entropy and
-its gradient in one pass over the logits, and `draw(...)`: sampling's token from each row's
-softmax (see softmax_rows.cpp).
+its gradient in one pass over the logits, `draw(...)`: sampling's token from each row's
+softmax, and `attend(...)`: a decode step's attention over the KV cache (see softmax_rows.cpp).
 
 The C++ sources are built once with `-march=native` by torch's extension loader (about 10 s,
 cached under ~/.cache/torch_extensions). Where they cannot be built (no compiler) or
@@ -89,6 +89,10 @@ def _build(name: str, march: str) -> object | None:
     def _(x, w, s, fma_rows, amx_rows, vnni_most_rows):  # shapes for torch.compile's tracing
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake(f"{name}::attend")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape, dtype=torch.float32)
+
     return ops
 
 
@@ -161,6 +165,30 @@ def int8_group_matmul(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torc
     if not _OP or x.device.type != "cpu":
         return None
     return _OP(x, w, s, fma_rows(_VNNI), AMX_ROWS, VNNI_MOST_ROWS)
+
+
+def attends(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a decode step over a KV cache of this dtype and device runs `attend` (bfloat16 on
+    the CPU, where the kernels build), instead of torch's attention that prefill runs."""
+    global _ATTENDS
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    if _ATTENDS is None and not torch.compiler.is_compiling():
+        _ATTENDS = extension() is not None
+    return bool(_ATTENDS)
+
+
+_ATTENDS = None  # whether the kernels built, once asked (read, not built, inside compiled code)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """softmax(q k^T * scale + mask) v, float32 (B, KV, Q, D), for a decode step's queries q
+    (B, KV, Q, D) against a bfloat16 cache's k, v (B, KV, S, D) under an additive mask (B, 1, Q, S):
+    each row's keys and values read once for all its queries, masked slots skipped (see
+    softmax_rows.cpp). None where torch's attention runs instead (`attends`)."""
+    if not attends(k.dtype, k.device) or q.dtype != k.dtype or mask.dtype != k.dtype:
+        return None
+    return torch.ops.gemmakit.attend(q, k, v, mask, scale)
 
 
 def fma_rows(vnni: bool) -> int:

@@ -1,5 +1,5 @@
-// Row-wise softmax work over a vocabulary of logits: the training loss's cross-entropy and its
-// gradient, and sampling's draw of a token.
+// Row-wise softmax work: over a vocabulary of logits, the training loss's cross-entropy and its
+// gradient, and sampling's draw of a token; over the KV cache, a decode step's attention.
 //
 // Cross-entropy of a block of logit rows and its gradient in the logits, in one pass over memory.
 // gemmakit's training loss (src/gemmakit/loss.py) makes the logits a block of rows at a time.
@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -280,8 +281,324 @@ at::Tensor draw_rows(const at::Tensor& logits, const at::Tensor& rows, const at:
   return out;
 }
 
+// -- Attention of a few queries per row against the KV cache (decode) -----------------------------
+// torch's CPU attention runs a decode step's (B, KV, G, D) queries against a 2,000-slot cache at
+// ~9 GB/s and reads every slot, masked or not (a sliding layer's ring is half masked). Here each
+// (row, KV head) streams its keys and values once for all G queries of the head, and skips slots
+// the mask removes for every query. Slots are cut into parts of kPart at fixed offsets (the parts
+// run on the threads; each keeps its own max, sum and weighted values, merged in part order), so a
+// row's result depends on its own queries, keys and mask only: not on the other rows, the span
+// read or the threads.
+
+namespace {
+
+constexpr int64_t kPart = 256;
+
+template <typename T>
+inline void to_float(const T* x, float* out, int64_t D) {
+  int64_t d = 0;
+#ifdef __AVX512F__
+  for (; d + 16 <= D; d += 16) {
+    if constexpr (std::is_same_v<T, float>)
+      _mm512_storeu_ps(out + d, _mm512_loadu_ps(x + d));
+    else  // bfloat16: the upper half of a float32
+      _mm512_storeu_ps(out + d, _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d))), 16)));
+  }
+#endif
+  for (; d < D; ++d) out[d] = static_cast<float>(x[d]);
+}
+
+struct Partial {  // one part's share of a query (its exp-weighted values beside): max score, sum of exp
+  float max, sum;
+};
+
+// The slots of [j0, j1) that the mask keeps for at least one query.
+template <typename T>
+std::vector<int64_t> kept_slots(const T* mask, int64_t mstride, int64_t Q, int64_t j0, int64_t j1) {
+  std::vector<int64_t> kept;
+  kept.reserve(j1 - j0);
+  for (int64_t j = j0; j < j1; ++j) {
+    bool any = false;
+    for (int64_t i = 0; i < Q && !any; ++i) any = static_cast<float>(mask[i * mstride + j]) != -INFINITY;
+    if (any) kept.push_back(j);
+  }
+  return kept;
+}
+
+// scores (Q, kPart) -> exp(score - max) in place; out[i] = {max, sum}.
+inline void exp_scores(float* scores, int64_t Q, int64_t n, Partial* out) {
+  for (int64_t i = 0; i < Q; ++i) {
+    float top = -INFINITY, total = 0.f;
+    for (int64_t t = 0; t < n; ++t) top = std::max(top, scores[i * kPart + t]);
+    for (int64_t t = 0; t < n; ++t) {
+      float& e = scores[i * kPart + t];
+      e = top == -INFINITY ? 0.f : std::exp(e - top);
+      total += e;
+    }
+    out[i] = {top, total};
+  }
+}
+
+// One (row, KV head, part), any Q and D: queries q (Q, D) float32, keys/values rows `kstride`
+// apart, mask rows `mstride` apart; partials out (Q) and their values (Q, D).
+template <typename T>
+void attend_part(const float* q, int64_t Q, const T* k, const T* v, int64_t kstride, const T* mask,
+                 int64_t mstride, int64_t j0, int64_t j1, int64_t D, float scale, Partial* out, float* values) {
+  const std::vector<int64_t> kept = kept_slots(mask, mstride, Q, j0, j1);
+  const int64_t n = static_cast<int64_t>(kept.size());
+  std::vector<float> scores(Q * kPart), buf(D);
+  for (int64_t t = 0; t < n; ++t) {  // scores: each key read once for every query
+    to_float(k + kept[t] * kstride, buf.data(), D);
+    for (int64_t i = 0; i < Q; ++i) {
+      float lanes[16] = {};  // lane l: the d with d % 16 == l, in order; then summed pairwise
+      for (int64_t d = 0; d < D; d += 16)
+        for (int l = 0; l < 16; ++l) lanes[l] += q[i * D + d + l] * buf[d + l];
+      for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+      scores[i * kPart + t] = lanes[0] * scale + static_cast<float>(mask[i * mstride + kept[t]]);
+    }
+  }
+  exp_scores(scores.data(), Q, n, out);
+  std::fill(values, values + Q * D, 0.f);
+  for (int64_t t = 0; t < n; ++t) {  // values: each read once for every query
+    to_float(v + kept[t] * kstride, buf.data(), D);
+    for (int64_t i = 0; i < Q; ++i)
+      for (int64_t d = 0; d < D; ++d) values[i * D + d] += scores[i * kPart + t] * buf[d];
+  }
+}
+
+#ifdef __AVX512F__
+template <typename T>
+inline __m512 load16(const T* x) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm512_loadu_ps(x);
+  else
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+
+// Streams from DRAM run at a fraction of its speed here without being asked for ahead (no
+// hardware prefetcher follows the kept slots); kAhead slots on, into L2.
+constexpr int64_t kAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* x, int64_t D) {
+  for (int64_t b = 0; b < D * int64_t{sizeof(T)}; b += 64) _mm_prefetch(reinterpret_cast<const char*>(x) + b, _MM_HINT_T1);
+}
+
+// The same for NQ queries (Gemma's 1, 2, 4 or 8 a KV head), in registers: a key's dot products
+// in NQ running vectors; the values CP vectors of D at a time for all NQ queries, over every key.
+template <typename T, int NQ>
+void attend_part_nq(const float* q, const T* k, const T* v, int64_t kstride, const T* mask, int64_t mstride,
+                    int64_t j0, int64_t j1, int64_t D, float scale, Partial* out, float* values) {
+  constexpr int CP = NQ >= 8 ? 2 : 4;
+  const std::vector<int64_t> kept = kept_slots(mask, mstride, NQ, j0, j1);
+  const int64_t n = static_cast<int64_t>(kept.size());
+  alignas(64) float scores[NQ * kPart];
+  // Two keys at a time: 2 * NQ independent running sums keep the FMA units busy.
+#ifdef __AVX512BF16__
+  // bfloat16 keys against the queries (bfloat16 numbers, see attend) two elements an instruction.
+  alignas(64) uint16_t qb[NQ * 512];
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t x = 0; x < NQ * D; ++x) qb[x] = c10::BFloat16(q[x]).x;
+  }
+#endif
+  for (int64_t t = 0; t < n; t += 2) {
+    const bool two = t + 1 < n;
+    const T* kj0 = k + kept[t] * kstride;
+    const T* kj1 = k + kept[two ? t + 1 : t] * kstride;
+    __m512 acc0[NQ], acc1[NQ];
+    for (int i = 0; i < NQ; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    if (t + kAhead + 1 < n) {  // memory runs ahead: the keys and values of a few slots on
+      prefetch_row(k + kept[t + kAhead] * kstride, D);
+      prefetch_row(k + kept[t + kAhead + 1] * kstride, D);
+      prefetch_row(v + kept[t + kAhead] * kstride, D);
+      prefetch_row(v + kept[t + kAhead + 1] * kstride, D);
+    }
+#ifdef __AVX512BF16__
+    if (!std::is_same_v<T, float> && D % 32 == 0) {
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kj0 + d), k1 = (__m512bh)_mm512_loadu_si512(kj1 + d);
+        for (int i = 0; i < NQ; ++i) {
+          const __m512bh qd = (__m512bh)_mm512_loadu_si512(qb + i * D + d);
+          acc0[i] = _mm512_dpbf16_ps(acc0[i], qd, k0);
+          acc1[i] = _mm512_dpbf16_ps(acc1[i], qd, k1);
+        }
+      }
+    } else
+#endif
+    {
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 k0 = load16(kj0 + d), k1 = load16(kj1 + d);
+        for (int i = 0; i < NQ; ++i) {
+          const __m512 qd = _mm512_loadu_ps(q + i * D + d);
+          acc0[i] = _mm512_fmadd_ps(qd, k0, acc0[i]);
+          acc1[i] = _mm512_fmadd_ps(qd, k1, acc1[i]);
+        }
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      scores[i * kPart + t] = _mm512_reduce_add_ps(acc0[i]) * scale + static_cast<float>(mask[i * mstride + kept[t]]);
+      if (two)
+        scores[i * kPart + t + 1] = _mm512_reduce_add_ps(acc1[i]) * scale + static_cast<float>(mask[i * mstride + kept[t + 1]]);
+    }
+  }
+  exp_scores(scores, NQ, n, out);
+  for (int64_t d0 = 0; d0 < D; d0 += 16 * CP) {
+    const int chunks = static_cast<int>(std::min<int64_t>(CP, (D - d0) / 16));
+    __m512 acc[NQ][CP];
+    for (int i = 0; i < NQ; ++i)
+      for (int c = 0; c < CP; ++c) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vj = v + kept[t] * kstride + d0;
+      __m512 p[NQ];
+      for (int i = 0; i < NQ; ++i) p[i] = _mm512_set1_ps(scores[i * kPart + t]);
+      for (int c = 0; c < chunks; ++c) {
+        const __m512 vd = load16(vj + 16 * c);
+        for (int i = 0; i < NQ; ++i) acc[i][c] = _mm512_fmadd_ps(p[i], vd, acc[i][c]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i)
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(values + i * D + d0 + 16 * c, acc[i][c]);
+  }
+}
+#endif
+
+// Queries [0, Q) of one (row, KV head) against the slots of one part. On AVX-512 in blocks of 8,
+// 4, 2, 1 queries: a query's numbers are the same in any block (a slot kept for others and masked
+// for it adds exact zeros), so they do not depend on how many queries a call has (a decode
+// step's G, a prompt chunk's G * T).
+template <typename T>
+void attend_one(const float* q, int64_t Q, const T* k, const T* v, int64_t kstride, const T* mask, int64_t mstride,
+                int64_t j0, int64_t j1, int64_t D, float scale, Partial* out, float* values) {
+#ifdef __AVX512F__
+  if (D <= 512) {
+    for (int64_t i = 0; i < Q;) {
+      const int64_t left = Q - i;
+      const float* qi = q + i * D;
+      const T* mi = mask + i * mstride;
+      if (left >= 8) attend_part_nq<T, 8>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 8;
+      else if (left >= 4) attend_part_nq<T, 4>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 4;
+      else if (left >= 2) attend_part_nq<T, 2>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 2;
+      else attend_part_nq<T, 1>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 1;
+    }
+    return;
+  }
+#endif
+  attend_part(q, Q, k, v, kstride, mask, mstride, j0, j1, D, scale, out, values);
+}
+
+// out (Q, D) from the partials of `parts` parts, each (Q, D + 2): in part order, empty ones left out.
+inline void merge_parts(const float* partials, int64_t parts, int64_t Q, int64_t D, float* out) {
+  const int64_t stride = Q * (D + 2);
+  for (int64_t i = 0; i < Q; ++i) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) top = std::max(top, partials[p * stride + i * (D + 2)]);
+    float* o = out + i * D;
+    std::fill(o, o + D, 0.f);
+    if (top == -INFINITY) continue;  // no slot left for this query: zeros
+    float total = 0.f;
+    for (int64_t p = 0; p < parts; ++p) {
+      const float* pp = partials + p * stride + i * (D + 2);
+      if (pp[0] == -INFINITY) continue;
+      const float w = std::exp(pp[0] - top);
+      total += w * pp[1];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * pp[2 + d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] /= total;
+  }
+}
+
+// A part's (max, sum, values (D)) of each query, side by side as merge_parts reads them.
+template <typename T>
+void part_partials(const float* q, int64_t Q, const T* k, const T* v, int64_t kstride, const T* mask, int64_t mstride,
+                   int64_t j0, int64_t j1, int64_t D, float scale, float* partials) {
+  std::vector<Partial> stats(Q);
+  std::vector<float> values(Q * D);
+  attend_one(q, Q, k, v, kstride, mask, mstride, j0, j1, D, scale, stats.data(), values.data());
+  for (int64_t i = 0; i < Q; ++i) {
+    partials[i * (D + 2)] = stats[i].max;
+    partials[i * (D + 2) + 1] = stats[i].sum;
+    std::copy(values.data() + i * D, values.data() + (i + 1) * D, partials + i * (D + 2) + 2);
+  }
+}
+
+template <typename T>
+at::Tensor attend_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                        double scale) {
+  const int64_t B = q.size(0), KV = q.size(1), Q = q.size(2), D = q.size(3), S = k.size(2);
+  const int64_t parts = (S + kPart - 1) / kPart;
+  constexpr int64_t kBlock = 64;  // queries a unit of work takes (of a prompt chunk's many)
+  const int64_t blocks = (Q + kBlock - 1) / kBlock, units = B * KV * blocks;
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({B, KV, Q, D}, at::kFloat);
+  const float* qp = qf.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* mp = mask.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // Unit u: row b, KV head h, queries [i0, i0 + n). Its part p's partials into dst; its merge.
+  auto unit = [&](int64_t u, int64_t& b, int64_t& h, int64_t& i0) {
+    b = u / (KV * blocks), h = u / blocks % KV, i0 = u % blocks * kBlock;
+    return std::min(kBlock, Q - i0);
+  };
+  auto partials_of = [&](int64_t u, int64_t p, float* dst) {
+    int64_t b, h, i0;
+    const int64_t n = unit(u, b, h, i0);
+    part_partials(qp + ((b * KV + h) * Q + i0) * D, n, kp + b * k.stride(0) + h * k.stride(1),
+                  vp + b * v.stride(0) + h * v.stride(1), k.stride(2), mp + b * mask.stride(0) + i0 * mask.stride(2),
+                  mask.stride(2), p * kPart, std::min(S, (p + 1) * kPart), D, sc, dst + p * n * (D + 2));
+  };
+  auto merged = [&](int64_t u, const float* partials) {
+    int64_t b, h, i0;
+    const int64_t n = unit(u, b, h, i0);
+    merge_parts(partials, parts, n, D, op + ((b * KV + h) * Q + i0) * D);
+  };
+  const int64_t slab = parts * kBlock * (D + 2);  // a unit's partials
+  if (units >= 2 * at::get_num_threads()) {  // enough units for the threads: each one's parts in turn
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<float> partials(slab);
+      for (int64_t u = u0; u < u1; ++u) {
+        for (int64_t p = 0; p < parts; ++p) partials_of(u, p, partials.data());
+        merged(u, partials.data());
+      }
+    });
+  } else {  // few (a decode step of a row or two): the parts themselves on the threads
+    std::vector<float> partials(units * slab);
+    at::parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) partials_of(t / parts, t % parts, partials.data() + t / parts * slab);
+    });
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) merged(u, partials.data() + u * slab);
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+// softmax(q k^T * scale + mask) v for q (B, KV, Q, D), k and v (B, KV, S, D), mask (B, 1, Q, S)
+// additive (0 or -inf), all float32 or all bfloat16, unit stride along D and S; (B, KV, Q, D) float32.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && mask.dim() == 4, "q, k, v, mask: 4 dimensions");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && q.size(3) % 16 == 0,
+              "k, v (B, KV, S, D) for q (B, KV, Q, D), D a multiple of 16");
+  TORCH_CHECK(mask.size(0) == q.size(0) && mask.size(1) == 1 && mask.size(2) == q.size(2) && mask.size(3) == k.size(2),
+              "mask (B, 1, Q, S)");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && mask.stride(3) == 1 && k.strides() == v.strides(),
+              "k, v, mask: unit stride along the last dimension, k and v alike");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+              mask.scalar_type() == k.scalar_type() &&
+              (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "q, k, v, mask: all float32 or all bfloat16");
+  return k.scalar_type() == at::kFloat ? attend_cache<float>(q, k, v, mask, scale)
+                                       : attend_cache<c10::BFloat16>(q, k, v, mask, scale);
+}
+
 // (declared with the other ops in int8_matmul.cpp)
 TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CPU, m) {
   m.impl("softmax_cross_entropy_", &softmax_cross_entropy_);
   m.impl("draw_rows", &draw_rows);
+  m.impl("attend", &attend);
 }

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import GemmaConfig, LayerKind
 from .cache import KVCache
 from .loss import linear_cross_entropy
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else nn.Identity()
 
-    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0, slots=None):
+    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0, slots=None, decode=False):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, H, D))
@@ -85,7 +86,12 @@ class Attention(nn.Module):
         G = H // KV
         q = q.transpose(1, 2).reshape(B, KV, G * T, D).to(k.dtype)  # (B, KV, G*T, D), in the cache's dtype
         if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            # A decode step's few queries read the cache once in gemmakit's kernel; prompts (many
+            # queries: torch's blocked kernel is faster) always take torch's, so that a prompt's
+            # keys do not depend on how its chunks were cut.
+            y = kernels.attend(q, k, v, mask, self.scale) if decode else None
+            if y is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             # Gemma 2 caps the scores after scaling and before the mask; SDPA cannot, so by hand.
             scores = (q @ k.transpose(-1, -2)) * self.scale
@@ -134,8 +140,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_mlp_norm = RMSNorm(d, eps) if post else nn.Identity()
 
-    def forward(self, x, rope, mask, cache=None, slots=None):
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, mask, cache, self.layer, slots))
+    def forward(self, x, rope, mask, cache=None, slots=None, decode=False):
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, mask, cache, self.layer, slots, decode))
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
 
@@ -183,7 +189,7 @@ class Gemma(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, logits: bool = True, hidden: bool = False,
-                segments: torch.Tensor | None = None) -> torch.Tensor | None:
+                segments: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor | None:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; with targets (B, T),
         the summed cross-entropy instead (float32 scalar; targets of -100 carry no loss);
         logits=False: None, for a prefill that only fills the cache (the output layer is the
@@ -195,6 +201,9 @@ class Gemma(nn.Module):
 
         segments (B, T), training rows that pack several documents: each token's document; a token
         attends only within its own (positions should then restart in each: data.collate's).
+
+        decode=True: a decode step (T = 1), whose attention over a bfloat16 CPU cache runs in
+        gemmakit's kernel (`kernels.attends`); prompts run torch's.
         """
         c = self.config
         B, T = tokens.shape
@@ -226,7 +235,7 @@ class Gemma(nn.Module):
                         ~masks[kind], float("-inf"))
 
         for blk in self.layers:
-            x = blk(x, ropes[blk.kind], masks[blk.kind], cache, slots)
+            x = blk(x, ropes[blk.kind], masks[blk.kind], cache, slots, decode and T == 1)
         if not logits:
             return None
         if last_only:

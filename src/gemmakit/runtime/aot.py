@@ -55,7 +55,7 @@ class _Step(nn.Module):
         view = self.cache.over([getattr(self, f"k{i}") for i in range(n)], [getattr(self, f"v{i}") for i in range(n)],
                                {kind: getattr(self, f"pos_{kind.value}") for kind in self.cache.pos},
                                rows=tokens.shape[0], extent=span.shape[0])
-        return self.model(tokens, positions, view, last_only=True)
+        return self.model(tokens, positions, view, last_only=True, decode=True)
 
 
 class AOTDecode:

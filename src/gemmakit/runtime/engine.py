@@ -37,6 +37,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+from .. import kernels
 from ..errors import GenerationError
 from ..model import Gemma, KVCache
 from ..model.quantized import mode_of
@@ -162,6 +163,10 @@ class Engine:
             prefix_cache = min(max_batch * max_len, (1 << 30) // per_token)
         blocks = -(-prefix_cache // BLOCK)
         self.prefixes = PrefixCache(self.cache, blocks) if blocks else None
+        # Keys written by decode steps go to the prefix cache only where decode attention runs the
+        # kernel a prompt's does: else (kernels.attends) a later prompt holding those tokens would
+        # get other bits from the cache than from its own prefill.
+        self._share_decoded = not kernels.attends(self.cache.k[0].dtype, self.device)
         self._rows: list[_Row | None] = [None] * max_batch  # by row of the cache
         self._decoding = 0  # rows [0, _decoding) decode
         self._filling: list[_Row] = []  # rows being prefilled, first come first served, at [_decoding, ...)
@@ -305,7 +310,7 @@ class Engine:
             q = row.request
             if q.finished:
                 self._release(row)
-            elif self.prefixes and row.length % BLOCK == 0:  # a block complete while the ring holds it all
+            elif self.prefixes and self._share_decoded and row.length % BLOCK == 0:  # a block complete while the ring holds it all
                 self.prefixes.store(row.index, q.prompt_ids + q.output_ids, row.length, keys=row.keys)
         return deltas
 
@@ -513,7 +518,11 @@ class Engine:
         """Frees `row`'s row of the cache (its keys go to the prefix cache) and closes the gap."""
         request = row.request
         if self.prefixes and request.finish_reason != "error":
-            self.prefixes.store(row.index, request.prompt_ids + request.output_ids, row.length, tail=True, keys=row.keys)
+            if self._share_decoded:
+                self.prefixes.store(row.index, request.prompt_ids + request.output_ids, row.length, tail=True, keys=row.keys)
+            else:  # what its prefill wrote: the prompt but its last token
+                self.prefixes.store(row.index, request.prompt_ids, min(row.length, len(request.prompt_ids) - 1), tail=True,
+                                    keys=row.keys)
         if row in self._filling:
             self._filling.remove(row)
             self._move(self._decoding + len(self._filling), row.index)  # the group's last row fills the gap

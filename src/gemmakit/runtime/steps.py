@@ -90,7 +90,7 @@ class DecodeStep:
         span = view.span(LayerKind.GLOBAL)  # slots the step reads: the global layers' (the ring's follow)
         if self.aot is not None and self.aot.usable(span):
             return self.aot(tokens, positions, span)[:, -1]  # (n, V)
-        return self._forward(tokens, positions, view, last_only=True)[:, -1]
+        return self._forward(tokens, positions, view, last_only=True, decode=True)[:, -1]
 
 
 def compiles_ahead(mode: Compile, module: Gemma) -> bool:
