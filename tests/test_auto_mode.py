@@ -92,3 +92,27 @@ def test_a_failed_background_compile_leaves_the_engine_eager(tmp_path, monkeypat
                 engine.step()
     assert engine.decode_step.aot is None and torch.get_num_threads() == threads
     assert not list((tmp_path / "aot").glob("*.building"))  # a later run tries again
+
+
+def test_a_first_run_converts_on_one_thread_while_the_kernels_build(tmp_path, monkeypatch, sentencepiece_model):
+    """While the kernels' build runs (a first run), the conversion keeps to one core: torch's
+    threads on both would spin against the compiler. Its thread count comes back after."""
+    from gemmakit import kernels
+    from gemmakit.checkpoints import converted
+
+    monkeypatch.setenv("GEMMAKIT_CACHE", str(tmp_path / "cache"))
+    write_gguf(tmp_path / "q.gguf", random_model(CONFIGS["gemma3"]), sentencepiece_model, quantized=True)
+    seen = []
+    read = converted.read
+
+    def spying(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(converted, "read", spying)
+    before = torch.get_num_threads()
+    for building in (True, False):
+        monkeypatch.setattr(kernels, "build_in_background", lambda b=building: b)
+        assert gemmakit.load(tmp_path / "q.gguf", progress=False).quantization == "int8"
+        assert torch.get_num_threads() == before
+    assert seen == [1, before]

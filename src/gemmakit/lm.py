@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from typing import Iterator, Sequence
@@ -58,8 +59,9 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
         q = None if isinstance(source, GemmaConfig) else converted.auto(source, device)
         quantize = q and q.mode
     q = Quantization(quantize, dtype=_dtype(dtype) if dtype is not None else None) if quantize else None
-    if q and q.mode == "int8" and device.type == "cpu":  # its kernels compile (a first run) while the file is read
-        kernels.build_in_background()
+    # A first run: the kernels compile on one core while the file converts on the other (torch's
+    # threads on both cores would spin against the compiler: 18 s to a first token, not 13).
+    building = q is not None and q.mode == "int8" and device.type == "cpu" and kernels.build_in_background()
     dtype = q.dtype if q else _dtype(dtype) if dtype is not None else torch.float32
     if q and device.type != "cpu" and q.mode == "int4":
         raise ConfigError(f"int4 runs on torch's CPU int4 kernel; it cannot run on {device} (use int8)")
@@ -74,7 +76,8 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
         if q:  # random weights: nothing worth caching
             quantize_module(module, q.mode, q.group_size, q.dtype)
     else:
-        ckpt = converted.read(source, q, variant, progress) if q else checkpoints.read(source, variant=variant)
+        with threads(1) if building else contextlib.nullcontext():
+            ckpt = converted.read(source, q, variant, progress) if q else checkpoints.read(source, variant=variant)
         tok = tok or ckpt.tokenizer
         module = checkpoints.build(ckpt, dtype=dtype, device=device, progress=progress)
         config, metadata = ckpt.config, ckpt.metadata
@@ -90,6 +93,17 @@ def load(source: str | os.PathLike | GemmaConfig, dtype: torch.dtype | str | Non
             raise TokenizerError(f"{generation.origin}: token id {bad} is outside the "
                                  f"{tok.vocab_size}-token vocabulary")
     return LM(module, tok, source=name, compile=mode, metadata=metadata)
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op threads set to n for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _device(device: str | torch.device) -> torch.device:

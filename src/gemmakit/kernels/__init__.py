@@ -16,6 +16,7 @@ results).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+_UNIT = Path(__file__).with_name("kernels.cpp")  # includes the sources, one translation unit
 _SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "softmax_rows.cpp")]
 # With VNNI every row count takes int8 activations (per row and group of 32, as llama.cpp's Q8_0)
 # and one formula for each output (int8_matmul.cpp), so that a row's result does not depend on the
@@ -77,7 +79,11 @@ def _build(name: str, march: str) -> object | None:
     try:
         # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
         # libgomp torch already loaded is the one used, so both share torch's thread pool).
-        load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", f"-march={march}", "-fopenmp", f"-DGEMMAKIT_NS={name}"],
+        # torch rebuilds when the files it is given or the flags change: the included sources'
+        # digest goes in as a flag.
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:16]
+        load(name, [str(_UNIT)], extra_cflags=["-O3", f"-march={march}", "-fopenmp", f"-DGEMMAKIT_NS={name}",
+                                              f"-DGEMMAKIT_SOURCES={digest}"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -115,26 +121,33 @@ _STARTED = False
 _BUILDER: subprocess.Popen | None = None
 
 
-def build_in_background() -> None:
+def build_in_background() -> bool:
     """Where the kernels are not built yet, starts building them in a process of its own (once),
-    so that a first run compiles them while it reads and converts its checkpoint. A process, not a
-    thread: it finishes the build (and releases torch's build lock) even when this one exits first."""
+    so that a first run compiles them while it reads and converts its checkpoint; whether that
+    build is running. A process, not a thread: it finishes the build (and releases torch's build
+    lock) even when this one exits first."""
     global _STARTED, _BUILDER
     if _STARTED or _BUILT or os.environ.get("GEMMAKIT_NO_KERNELS") == "1":
-        return
+        return building()
     _STARTED = True
     from torch.utils.cpp_extension import _get_build_directory
 
     if not (Path(_get_build_directory("gemmakit", verbose=False)) / "gemmakit.so").exists():
         _BUILDER = subprocess.Popen([sys.executable, "-c", "from gemmakit import kernels; kernels.extension()"],
                                     stdin=subprocess.DEVNULL, start_new_session=True)
+    return building()
+
+
+def building() -> bool:
+    """Whether the background build started here is still running."""
+    return _BUILDER is not None and _BUILDER.poll() is None
 
 
 def _ready():
     """The kernels if they are loaded by now, else None without waiting (they start building)."""
     if not _BUILT:
         build_in_background()
-        if _BUILDER is not None and _BUILDER.poll() is None:
+        if building():
             return None
     return extension()
 
