@@ -296,17 +296,7 @@ constexpr int64_t kPart = 256;
 
 template <typename T>
 inline void to_float(const T* x, float* out, int64_t D) {
-  int64_t d = 0;
-#ifdef __AVX512F__
-  for (; d + 16 <= D; d += 16) {
-    if constexpr (std::is_same_v<T, float>)
-      _mm512_storeu_ps(out + d, _mm512_loadu_ps(x + d));
-    else  // bfloat16: the upper half of a float32
-      _mm512_storeu_ps(out + d, _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d))), 16)));
-  }
-#endif
-  for (; d < D; ++d) out[d] = static_cast<float>(x[d]);
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(x[d]);
 }
 
 struct Partial {  // one part's share of a query (its exp-weighted values beside): max score, sum of exp
