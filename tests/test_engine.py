@@ -322,3 +322,31 @@ def test_an_int8_requests_tokens_and_logprobs_do_not_depend_on_the_batch(model, 
 
     alone = [run([p])[0] for p in prompts]
     assert run(prompts) == alone
+
+
+def test_int8_decode_steps_and_only_they_attend_in_the_kernel(model, tokenizer, monkeypatch):
+    """Over the bfloat16 cache of an int8 model decode steps run kernels.attend (whose numbers
+    test_kernels checks against float64 attention); prompts, batched or not, run torch's."""
+    import copy
+
+    from gemmakit import kernels
+    from gemmakit.model.quantized import quantize
+
+    quantized = quantize(copy.deepcopy(model), "int8")
+    calls = []
+    attend = kernels.attend
+
+    def counted(q, k, v, mask, scale):
+        out = attend(q, k, v, mask, scale)
+        calls.append((q.shape[2], out is not None))
+        return out
+
+    monkeypatch.setattr(kernels, "attend", counted)
+    engine = Engine(quantized, tokenizer, max_batch=2, max_len=64)
+    requests = [engine.submit(p, 2 * WINDOW) for p in ([5, 6, 7, 8, 9], [10, 11])]
+    while engine.busy:
+        engine.step()
+    G = model.config.n_heads // model.config.n_kv_heads
+    decode_steps = max(len(r.output_ids) for r in requests)
+    assert len(calls) == decode_steps * model.config.n_layers  # once a layer a step, no prompt chunk
+    assert all(used and queries == G for queries, used in calls)

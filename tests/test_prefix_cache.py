@@ -177,3 +177,32 @@ def test_prefill_share_sizes_a_steps_prefill_by_the_measured_pace(model):
     assert late.output_ids == alone(model, SYSTEM, 6) and running.output_ids == alone(model, question(1), 30)
     with pytest.raises(GenerationError, match="prefill_share"):
         Engine(model, None, prefill_share=0)
+
+
+def test_an_int8_conversation_gets_the_tokens_of_a_fresh_prefill(model):
+    """Over an int8 model's bfloat16 cache decode steps attend in gemmakit's kernel and prompts in
+    torch's, so the keys an answer's decode steps wrote are not published (soft-capped models
+    attend in torch's everywhere and publish them): the next turn prefills the answer again and
+    gets, bit for bit, the tokens and logprobs an engine without a cache gives it."""
+    import copy
+
+    import torch
+
+    from gemmakit import kernels
+    from gemmakit.model.quantized import quantize
+
+    assert kernels.extension() is not None
+    quantized = quantize(copy.deepcopy(model), "int8")
+    engine = Engine(quantized, None, max_batch=1, max_len=128)
+    assert engine.cache.k[0].dtype == torch.bfloat16
+    first = engine.submit(SYSTEM + question(0), 12, logprobs=1)
+    drain(engine)
+    follow_up = first.prompt_ids + first.output_ids + question(1)
+    second = engine.submit(follow_up, 12, logprobs=1)
+    drain(engine)
+    softcapped = model.config.attn_logit_softcap is not None
+    assert second.reused == len(first.prompt_ids) + (len(first.output_ids) if softcapped else 0) - 1
+    fresh = Engine(quantized, None, max_batch=1, max_len=128, prefix_cache=0)
+    reference = fresh.submit(follow_up, 12, logprobs=1)
+    drain(fresh)
+    assert (second.output_ids, second.output_logprobs) == (reference.output_ids, reference.output_logprobs)
