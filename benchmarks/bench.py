@@ -56,7 +56,6 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes) -> dict:
     """llama.cpp as its users run it: llama-cpp-python's defaults (repacked CPU weights on)."""
     import llama_cpp as L
-    import numpy as np
 
     start = time.perf_counter()
     llm = L.Llama(model_path=path, n_ctx=prefill + 64, n_batch=prefill, n_threads=threads,
@@ -73,40 +72,52 @@ def run_llamacpp(path: str, threads: int, prefill: int, decode: int, batch_sizes
 
     # Batched decoding through llama.cpp's own API: one llama_decode per step for every sequence.
     for n in batch_sizes:
-        params = L.llama_context_default_params()
-        params.n_ctx = n * (32 + decode + 8)
-        params.n_batch = params.n_ubatch = max(512, n * 32)
-        params.n_seq_max = n
-        params.n_threads = params.n_threads_batch = threads
-        new_context = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
-        ctx = new_context(llm.model, params)
-        batch = L.llama_batch_init(n * 32, 0, n)
-
-        def decode_batch(items):  # items: (token, position, sequence, wants logits)
-            batch.n_tokens = len(items)
-            for i, (tok, pos, seq, logits) in enumerate(items):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, logits
-                batch.seq_id[i][0] = seq
-            if L.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-
-        def argmax(i):
-            return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,))))
-
-        decode_batch([(t, p, s, p == 31) for s in range(n) for p, t in enumerate(prompt[s:s + 32])])
-        nxt = [argmax(s * 32 + 31) for s in range(n)]
+        ctx = LlamaBatch(L, llm, n, n * (32 + decode + 8), max(512, n * 32), threads)
+        ctx.decode([(t, p, s, p == 31) for s in range(n) for p, t in enumerate(prompt[s:s + 32])])
+        nxt = [ctx.argmax(s * 32 + 31) for s in range(n)]
         pos = 32
         for step in range(decode + 3):
             if step == 3:
                 start = time.perf_counter()
-            decode_batch([(nxt[s], pos, s, True) for s in range(n)])
-            nxt = [argmax(s) for s in range(n)]
+            ctx.decode([(nxt[s], pos, s, True) for s in range(n)])
+            nxt = [ctx.argmax(s) for s in range(n)]
             pos += 1
         out[f"decode_b{n}_tok_s"] = n * decode / (time.perf_counter() - start)
-        L.llama_batch_free(batch)
-        L.llama_free(ctx)
+        ctx.close()
     out |= llamacpp_generate(L, llm, prompt, threads)
     return out
+
+
+class LlamaBatch:
+    """A llama.cpp context for n sequences and a batch of n_batch tokens, driven through its own
+    API: `decode(items)` is one llama_decode of (token, position, sequence, wants logits) items."""
+
+    def __init__(self, L, llm, n: int, n_ctx: int, n_batch: int, threads: int):
+        params = L.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, n
+        params.n_threads = params.n_threads_batch = threads
+        new_context = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
+        self.L, self.vocab = L, llm.n_vocab()
+        self.ctx = new_context(llm.model, params)
+        self.batch = L.llama_batch_init(n_batch, 0, n)
+
+    def decode(self, items) -> None:
+        batch = self.batch
+        batch.n_tokens = len(items)
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        if self.L.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax(self, i: int) -> int:
+        import numpy as np
+
+        return int(np.argmax(np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))))
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
 
 
 def llamacpp_generate(L, llm, prompt: list[int], threads: int) -> dict:
@@ -114,8 +125,6 @@ def llamacpp_generate(L, llm, prompt: list[int], threads: int) -> dict:
     prompts' prefill included, a warm-up call first, the timed call on prompts of its own):
     128 greedy tokens after a 32-token prompt through `Llama.generate`; 16 prompts of 32 tokens
     in one llama_decode, then 64 steps of one llama_decode for all 16."""
-    import numpy as np
-
     from gemmakit.bench import GENERATE_TOKENS
 
     other = [prompt[0]] + [t + 1 for t in prompt[1:]]
@@ -131,37 +140,16 @@ def llamacpp_generate(L, llm, prompt: list[int], threads: int) -> dict:
     out["generate_b1_tok_s"] = GENERATE_TOKENS / times[-1]
 
     n, new = 16, 64
-    vocab = llm.n_vocab()
-    params = L.llama_context_default_params()
-    params.n_ctx = n * (32 + new + 8)
-    params.n_batch = params.n_ubatch = n * 32
-    params.n_seq_max = n
-    params.n_threads = params.n_threads_batch = threads
-    new_context = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
     for ids in (prompt, other):
-        ctx = new_context(llm.model, params)
-        batch = L.llama_batch_init(n * 32, 0, n)
-
-        def decode(items):  # (token, position, sequence, wants logits)
-            batch.n_tokens = len(items)
-            for i, (tok, pos, seq, logits) in enumerate(items):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, logits
-                batch.seq_id[i][0] = seq
-            if L.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-
-        def argmax(i):
-            return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,))))
-
+        ctx = LlamaBatch(L, llm, n, n * (32 + new + 8), n * 32, threads)
         start = time.perf_counter()
-        decode([(t, p, s, p == 31) for s in range(n) for p, t in enumerate(ids[s:s + 32])])
-        nxt = [argmax(s * 32 + 31) for s in range(n)]
+        ctx.decode([(t, p, s, p == 31) for s in range(n) for p, t in enumerate(ids[s:s + 32])])
+        nxt = [ctx.argmax(s * 32 + 31) for s in range(n)]
         for step in range(new - 1):
-            decode([(nxt[s], 32 + step, s, True) for s in range(n)])
-            nxt = [argmax(s) for s in range(n)]
+            ctx.decode([(nxt[s], 32 + step, s, True) for s in range(n)])
+            nxt = [ctx.argmax(s) for s in range(n)]
         seconds = time.perf_counter() - start
-        L.llama_batch_free(batch)
-        L.llama_free(ctx)
+        ctx.close()
     out["generate_b16_tok_s"] = n * new / seconds
     return out
 
