@@ -397,3 +397,56 @@ def test_attend_rejects_inputs_it_cannot_read():
     with pytest.raises(RuntimeError, match="mask"):
         torch.ops.gemmakit.attend(q, k, v, mask[:, :, :, :39], 1.0)
     assert kernels.attend(q.float(), k.float(), v.float(), mask.float(), 1.0) is None  # float caches: torch's attention
+
+
+def test_geglu_is_gelu_tanh_times_up_within_its_rounding(build):
+    """gelu_tanh(g) * u against float64. Rounding: y = c (g + 0.044715 g^3) carries a few eps of
+    relative error, which exp turns into |y| times that; the exp, the division and the products
+    add a few eps each: within |g u| (4 |y| + 8) eps."""
+    import math
+
+    ops = build[0]
+    gen = torch.Generator().manual_seed(5)
+    g = torch.cat([torch.randn(3, 1000, generator=gen) * 4, torch.linspace(-12, 12, 3000).view(3, 1000)], 1)
+    u = torch.randn(g.shape, generator=gen)
+    got = ops.geglu(g, u)
+    gd, ud = g.double(), u.double()
+    y = math.sqrt(2 / math.pi) * (gd + 0.044715 * gd ** 3)
+    want = 0.5 * gd * (1 + torch.tanh(y)) * ud
+    eps = torch.finfo(torch.float32).eps / 2
+    assert ((got.double() - want).abs() <= (gd * ud).abs() * (4 * y.abs() + 8) * eps + 1e-30).all()
+    with pytest.raises(RuntimeError, match="one shape"):
+        ops.geglu(g, u[:, :10].contiguous())
+
+
+def test_geglu_runs_only_for_inference_on_float32_cpu_tensors():
+    """kernels.geglu: for forwards without gradients on float32 CPU tensors; training (gradients)
+    keeps torch's ops, whose backward it needs."""
+    g, u = torch.randn(4, 32), torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.equal(kernels.geglu(g, u), torch.ops.gemmakit.geglu(g, u))
+        assert kernels.geglu(g.double(), u.double()) is None
+    assert kernels.geglu(g.requires_grad_(), u) is None
+
+
+def test_only_int8_models_take_the_geglu_kernel(monkeypatch):
+    """A float model's MLP keeps torch's gelu whatever ran before in the process (an int8 model's
+    forward must not change a float model's numbers); an int8 model's eager forward takes it."""
+    import copy
+
+    from gemmakit.config import GemmaConfig
+    from gemmakit.model import Gemma
+    from gemmakit.model.quantized import quantize
+
+    config = GemmaConfig(family="gemma3", vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
+                         head_dim=32, ffn_dim=128, max_seq_len=32, sliding_window=8)
+    model = Gemma(config).eval()
+    calls = []
+    geglu = kernels.geglu
+    monkeypatch.setattr(kernels, "geglu", lambda g, u: calls.append(1) or geglu(g, u))
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        quantize(copy.deepcopy(model), "int8")(tokens)
+        assert len(calls) == config.n_layers
+        model(tokens)
+    assert len(calls) == config.n_layers

@@ -5,7 +5,8 @@ input features (N, K/32) (see int8_matmul.cpp). Torch has no kernel for this lay
 per-channel one (`_weight_int8pack_mm`) reads the weights at under half of memory speed.
 `softmax_cross_entropy_(z, targets, softcap)`: the training loss's per-block cross-entropy and
 its gradient in one pass over the logits, `draw(...)`: sampling's token from each row's
-softmax, and `attend(...)`: a decode step's attention over the KV cache (see softmax_rows.cpp).
+softmax, and `attend(...)`: a decode step's attention over the KV cache (see softmax_rows.cpp);
+`geglu(gate, up)`: the MLP's gelu_tanh(gate) * up (geglu.cpp).
 
 The C++ sources are built once with `-march=native` by torch's extension loader (about 10 s,
 cached under ~/.cache/torch_extensions). Where they cannot be built (no compiler) or
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 _UNIT = Path(__file__).with_name("kernels.cpp")  # includes the sources, one translation unit
-_SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "softmax_rows.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("int8_matmul.cpp", "softmax_rows.cpp", "geglu.cpp", "vec.h")]
 # With VNNI every row count takes int8 activations (per row and group of 32, as llama.cpp's Q8_0)
 # and one formula for each output (int8_matmul.cpp), so that a row's result does not depend on the
 # rows beside it: a request decodes the same text alone and among others. The VNNI loop and the
@@ -98,6 +99,10 @@ def _build(name: str, march: str) -> object | None:
     @torch.library.register_fake(f"{name}::attend")
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape, dtype=torch.float32)
+
+    @torch.library.register_fake(f"{name}::geglu")
+    def _(gate, up):
+        return torch.empty_like(gate)
 
     return ops
 
@@ -202,6 +207,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if not attends(k.dtype, k.device) or q.dtype != k.dtype or mask.dtype != k.dtype:
         return None
     return torch.ops.gemmakit.attend(q, k, v, mask, scale)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """gelu_tanh(gate) * up in one pass (geglu.cpp), for eager forwards without gradients on
+    float32 CPU tensors of one shape (an int8 model's MLP asks: model/gemma.py). None where torch's
+    ops run: under compilation (inductor fuses them itself), with gradients, or no kernels."""
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or gate.device.type != "cpu"
+            or gate.dtype != torch.float32 or up.dtype != torch.float32 or gate.shape != up.shape):
+        return None
+    ops = extension()
+    return None if ops is None else ops.geglu(gate.contiguous(), up.contiguous())
 
 
 def fma_rows(vnni: bool) -> int:

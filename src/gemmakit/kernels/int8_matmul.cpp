@@ -662,6 +662,7 @@ TORCH_LIBRARY(GEMMAKIT_NS, m) {
   m.def("softmax_cross_entropy_(Tensor(a!) z, Tensor targets, float softcap) -> Tensor");
   m.def("draw_rows(Tensor logits, Tensor rows, Tensor u, Tensor inv_t, Tensor min_p) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("geglu(Tensor gate, Tensor up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(GEMMAKIT_NS, CPU, m) {

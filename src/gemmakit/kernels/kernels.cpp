@@ -3,3 +3,4 @@
 // (kernels/__init__.py).
 #include "int8_matmul.cpp"
 #include "softmax_rows.cpp"
+#include "geglu.cpp"

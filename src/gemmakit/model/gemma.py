@@ -123,7 +123,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        # An int8 model's eager forwards (prefill): one pass; float models keep torch's gelu,
+        # whatever else ran in the process.
+        y = kernels.geglu(gate, up) if self.gate_proj.weight.dtype == torch.int8 else None
+        return self.down_proj(y if y is not None else gelu_tanh(gate) * up)
 
 
 class Block(nn.Module):
