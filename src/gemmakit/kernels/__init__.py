@@ -76,7 +76,8 @@ def _build(name: str, march: str) -> object | None:
     except FileNotFoundError:
         pass
     if not built.exists() and name == "gemmakit":
-        print("gemmakit: compiling its CPU kernels for this machine (once, about 10 s)", file=sys.stderr, flush=True)
+        print("gemmakit: waiting for the build of its CPU kernels started at load" if building() else
+              "gemmakit: compiling its CPU kernels for this machine (once, about 10 s)", file=sys.stderr, flush=True)
     try:
         # -fopenmp: at::parallel_for is inlined here and splits work only under OpenMP (the
         # libgomp torch already loaded is the one used, so both share torch's thread pool).
