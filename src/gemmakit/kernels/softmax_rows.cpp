@@ -273,9 +273,8 @@ inline void to_float(const T* x, float* out, int64_t D) {
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(x[d]);
 }
 
-struct Partial {  // one part's share of a query (its exp-weighted values beside): max score, sum of exp
-  float max, sum;
-};
+// A part's share of query i, as merge_parts reads it: out[i * (D + 2)] = max score, + 1 = sum of
+// exp(score - max), + 2 .. D + 2 = the exp-weighted values.
 
 // The slots of [j0, j1) that the mask keeps for at least one query.
 template <typename T>
@@ -290,8 +289,8 @@ std::vector<int64_t> kept_slots(const T* mask, int64_t mstride, int64_t Q, int64
   return kept;
 }
 
-// scores (Q, kPart) -> exp(score - max) in place; out[i] = {max, sum}.
-inline void exp_scores(float* scores, int64_t Q, int64_t n, Partial* out) {
+// scores (Q, kPart) -> exp(score - max) in place; each query's max and sum into out.
+inline void exp_scores(float* scores, int64_t Q, int64_t n, int64_t D, float* out) {
   for (int64_t i = 0; i < Q; ++i) {
     float top = -INFINITY, total = 0.f;
     for (int64_t t = 0; t < n; ++t) top = std::max(top, scores[i * kPart + t]);
@@ -300,15 +299,16 @@ inline void exp_scores(float* scores, int64_t Q, int64_t n, Partial* out) {
       e = top == -INFINITY ? 0.f : std::exp(e - top);
       total += e;
     }
-    out[i] = {top, total};
+    out[i * (D + 2)] = top;
+    out[i * (D + 2) + 1] = total;
   }
 }
 
 // One (row, KV head, part), any Q and D: queries q (Q, D) float32, keys/values rows `kstride`
-// apart, mask rows `mstride` apart; partials out (Q) and their values (Q, D).
+// apart, mask rows `mstride` apart; the part's share of each query into out.
 template <typename T>
 void attend_part(const float* q, int64_t Q, const T* k, const T* v, int64_t kstride, const T* mask,
-                 int64_t mstride, int64_t j0, int64_t j1, int64_t D, float scale, Partial* out, float* values) {
+                 int64_t mstride, int64_t j0, int64_t j1, int64_t D, float scale, float* out) {
   const std::vector<int64_t> kept = kept_slots(mask, mstride, Q, j0, j1);
   const int64_t n = static_cast<int64_t>(kept.size());
   std::vector<float> scores(Q * kPart), buf(D);
@@ -323,12 +323,12 @@ void attend_part(const float* q, int64_t Q, const T* k, const T* v, int64_t kstr
       scores[i * kPart + t] = lanes[0] * scale + static_cast<float>(mask[i * mstride + kept[t]]);
     }
   }
-  exp_scores(scores.data(), Q, n, out);
-  std::fill(values, values + Q * D, 0.f);
+  exp_scores(scores.data(), Q, n, D, out);
+  for (int64_t i = 0; i < Q; ++i) std::fill(out + i * (D + 2) + 2, out + (i + 1) * (D + 2), 0.f);
   for (int64_t t = 0; t < n; ++t) {  // values: each read once for every query
     to_float(v + kept[t] * kstride, buf.data(), D);
     for (int64_t i = 0; i < Q; ++i)
-      for (int64_t d = 0; d < D; ++d) values[i * D + d] += scores[i * kPart + t] * buf[d];
+      for (int64_t d = 0; d < D; ++d) out[i * (D + 2) + 2 + d] += scores[i * kPart + t] * buf[d];
   }
 }
 
@@ -354,7 +354,7 @@ inline void prefetch_row(const T* x, int64_t D) {
 // in NQ running vectors; the values CP vectors of D at a time for all NQ queries, over every key.
 template <typename T, int NQ>
 void attend_part_nq(const float* q, const T* k, const T* v, int64_t kstride, const T* mask, int64_t mstride,
-                    int64_t j0, int64_t j1, int64_t D, float scale, Partial* out, float* values) {
+                    int64_t j0, int64_t j1, int64_t D, float scale, float* out) {
   constexpr int CP = NQ >= 8 ? 2 : 4;
   const std::vector<int64_t> kept = kept_slots(mask, mstride, NQ, j0, j1);
   const int64_t n = static_cast<int64_t>(kept.size());
@@ -407,7 +407,7 @@ void attend_part_nq(const float* q, const T* k, const T* v, int64_t kstride, con
         scores[i * kPart + t + 1] = _mm512_reduce_add_ps(acc1[i]) * scale + static_cast<float>(mask[i * mstride + kept[t + 1]]);
     }
   }
-  exp_scores(scores, NQ, n, out);
+  exp_scores(scores, NQ, n, D, out);
   for (int64_t d0 = 0; d0 < D; d0 += 16 * CP) {
     const int chunks = static_cast<int>(std::min<int64_t>(CP, (D - d0) / 16));
     __m512 acc[NQ][CP];
@@ -423,7 +423,7 @@ void attend_part_nq(const float* q, const T* k, const T* v, int64_t kstride, con
       }
     }
     for (int i = 0; i < NQ; ++i)
-      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(values + i * D + d0 + 16 * c, acc[i][c]);
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(out + i * (D + 2) + 2 + d0 + 16 * c, acc[i][c]);
   }
 }
 #endif
@@ -434,22 +434,22 @@ void attend_part_nq(const float* q, const T* k, const T* v, int64_t kstride, con
 // step's G, a prompt chunk's G * T).
 template <typename T>
 void attend_one(const float* q, int64_t Q, const T* k, const T* v, int64_t kstride, const T* mask, int64_t mstride,
-                int64_t j0, int64_t j1, int64_t D, float scale, Partial* out, float* values) {
+                int64_t j0, int64_t j1, int64_t D, float scale, float* out) {
 #ifdef __AVX512F__
   if (D <= 512) {
     for (int64_t i = 0; i < Q;) {
       const int64_t left = Q - i;
       const float* qi = q + i * D;
       const T* mi = mask + i * mstride;
-      if (left >= 8) attend_part_nq<T, 8>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 8;
-      else if (left >= 4) attend_part_nq<T, 4>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 4;
-      else if (left >= 2) attend_part_nq<T, 2>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 2;
-      else attend_part_nq<T, 1>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i, values + i * D), i += 1;
+      if (left >= 8) attend_part_nq<T, 8>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i * (D + 2)), i += 8;
+      else if (left >= 4) attend_part_nq<T, 4>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i * (D + 2)), i += 4;
+      else if (left >= 2) attend_part_nq<T, 2>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i * (D + 2)), i += 2;
+      else attend_part_nq<T, 1>(qi, k, v, kstride, mi, mstride, j0, j1, D, scale, out + i * (D + 2)), i += 1;
     }
     return;
   }
 #endif
-  attend_part(q, Q, k, v, kstride, mask, mstride, j0, j1, D, scale, out, values);
+  attend_part(q, Q, k, v, kstride, mask, mstride, j0, j1, D, scale, out);
 }
 
 // out (Q, D) from the partials of `parts` parts, each (Q, D + 2): in part order, empty ones left out.
@@ -473,19 +473,6 @@ inline void merge_parts(const float* partials, int64_t parts, int64_t Q, int64_t
   }
 }
 
-// A part's (max, sum, values (D)) of each query, side by side as merge_parts reads them.
-template <typename T>
-void part_partials(const float* q, int64_t Q, const T* k, const T* v, int64_t kstride, const T* mask, int64_t mstride,
-                   int64_t j0, int64_t j1, int64_t D, float scale, float* partials) {
-  std::vector<Partial> stats(Q);
-  std::vector<float> values(Q * D);
-  attend_one(q, Q, k, v, kstride, mask, mstride, j0, j1, D, scale, stats.data(), values.data());
-  for (int64_t i = 0; i < Q; ++i) {
-    partials[i * (D + 2)] = stats[i].max;
-    partials[i * (D + 2) + 1] = stats[i].sum;
-    std::copy(values.data() + i * D, values.data() + (i + 1) * D, partials + i * (D + 2) + 2);
-  }
-}
 
 template <typename T>
 at::Tensor attend_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -510,9 +497,9 @@ at::Tensor attend_cache(const at::Tensor& q, const at::Tensor& k, const at::Tens
   auto partials_of = [&](int64_t u, int64_t p, float* dst) {
     int64_t b, h, i0;
     const int64_t n = unit(u, b, h, i0);
-    part_partials(qp + ((b * KV + h) * Q + i0) * D, n, kp + b * k.stride(0) + h * k.stride(1),
-                  vp + b * v.stride(0) + h * v.stride(1), k.stride(2), mp + b * mask.stride(0) + i0 * mask.stride(2),
-                  mask.stride(2), p * kPart, std::min(S, (p + 1) * kPart), D, sc, dst + p * n * (D + 2));
+    attend_one(qp + ((b * KV + h) * Q + i0) * D, n, kp + b * k.stride(0) + h * k.stride(1),
+               vp + b * v.stride(0) + h * v.stride(1), k.stride(2), mp + b * mask.stride(0) + i0 * mask.stride(2),
+               mask.stride(2), p * kPart, std::min(S, (p + 1) * kPart), D, sc, dst + p * n * (D + 2));
   };
   auto merged = [&](int64_t u, const float* partials) {
     int64_t b, h, i0;

@@ -190,6 +190,12 @@ class Gemma(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    def decodes_apart(self, cache: KVCache) -> bool:
+        """Whether decode steps over `cache` attend in gemmakit's kernel (forward's decode=True)
+        while prompts attend in torch's: keys a decode step wrote then differ in their last bits
+        from a prompt's keys for the same tokens."""
+        return self.config.attn_logit_softcap is None and kernels.attends(cache.k[0].dtype, cache.k[0].device)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, logits: bool = True, hidden: bool = False,

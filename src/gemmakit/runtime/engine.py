@@ -37,7 +37,6 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from .. import kernels
 from ..errors import GenerationError
 from ..model import Gemma, KVCache
 from ..model.quantized import mode_of
@@ -164,10 +163,9 @@ class Engine:
         blocks = -(-prefix_cache // BLOCK)
         self.prefixes = PrefixCache(self.cache, blocks) if blocks else None
         # Keys written by decode steps go to the prefix cache only where decode attention runs the
-        # kernel a prompt's does: else (kernels.attends) a later prompt holding those tokens would
-        # get other bits from the cache than from its own prefill.
-        self._share_decoded = (config.attn_logit_softcap is not None  # soft-capped attention stays torch's
-                               or not kernels.attends(self.cache.k[0].dtype, self.device))
+        # kernel a prompt's does: else a later prompt holding those tokens would get other bits
+        # from the cache than from its own prefill.
+        self._share_decoded = not self.module.decodes_apart(self.cache)
         self._rows: list[_Row | None] = [None] * max_batch  # by row of the cache
         self._decoding = 0  # rows [0, _decoding) decode
         self._filling: list[_Row] = []  # rows being prefilled, first come first served, at [_decoding, ...)
