@@ -273,9 +273,6 @@ inline void to_float(const T* x, float* out, int64_t D) {
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(x[d]);
 }
 
-// A part's share of query i, as merge_parts reads it: out[i * (D + 2)] = max score, + 1 = sum of
-// exp(score - max), + 2 .. D + 2 = the exp-weighted values.
-
 // The slots of [j0, j1) that the mask keeps for at least one query.
 template <typename T>
 std::vector<int64_t> kept_slots(const T* mask, int64_t mstride, int64_t Q, int64_t j0, int64_t j1) {
@@ -289,7 +286,9 @@ std::vector<int64_t> kept_slots(const T* mask, int64_t mstride, int64_t Q, int64
   return kept;
 }
 
-// scores (Q, kPart) -> exp(score - max) in place; each query's max and sum into out.
+// scores (Q, kPart) -> exp(score - max) in place; each query's max and sum into out. A part's
+// share of query i, as merge_parts reads it: out[i * (D + 2)] = max score, + 1 = sum of
+// exp(score - max), + 2 .. D + 2 = the exp-weighted values.
 inline void exp_scores(float* scores, int64_t Q, int64_t n, int64_t D, float* out) {
   for (int64_t i = 0; i < Q; ++i) {
     float top = -INFINITY, total = 0.f;
@@ -472,7 +471,6 @@ inline void merge_parts(const float* partials, int64_t parts, int64_t Q, int64_t
     for (int64_t d = 0; d < D; ++d) o[d] /= total;
   }
 }
-
 
 template <typename T>
 at::Tensor attend_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
